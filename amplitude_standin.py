@@ -1,0 +1,324 @@
+"""A local stand-in of Amplitude's Export API, for `fetch_data.py --demo`, the tests and the benchmark.
+
+It serves what the real API serves: a zip of gzipped JSON-lines members named
+`<project>/<project>_<YYYY-MM-DD>_<H>#<N>.json.gz` (hour not zero-padded), HTTP Basic auth, 404 for an empty
+range, and on request the faults seen in practice: 5xx, 429, 400 "too large", 401/403, connections dropped
+mid-body, truncated bodies, damaged members, non-zip 200s and stalls. Standard library only.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime as dt
+import gzip
+import io
+import json
+import random
+import shutil
+import threading
+import time
+import zipfile
+from collections import deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+PROJECT_ID = 187520
+HOUR = dt.timedelta(hours=1)
+TOO_LARGE_TEXT = (
+    "The file size of the exported data is too large. Shorten the time ranges and try again. The limit size is 4GB."
+)
+NOT_FOUND_TEXT = "Raw data files were not found."
+EVENT_TYPES = ("session_start", "page_view", "button_click", "purchase", "Bestellung abgeschlossen", "検索", "🎉 signup")
+CITIES = ("Berlin", "München", "Zürich", "Kraków", "São Paulo", "Reykjavík", "Αθήνα", "東京")
+
+
+class Fault:
+    """One scripted answer: `kind` is an HTTP status (int) or one of the named misbehaviours below."""
+
+    KINDS = ("drop", "truncate", "corrupt_crc", "corrupt_gzip", "not_zip", "stall", "bad_line")
+
+    def __init__(self, kind, start=None, end=None, body=None, retry_after=None, seconds=0.0):
+        if not isinstance(kind, int) and kind not in self.KINDS:
+            raise ValueError(f"unknown fault {kind!r}")
+        self.kind = kind
+        self.start = start
+        self.end = end
+        self.body = body
+        self.retry_after = retry_after
+        self.seconds = seconds
+
+    def matches(self, start: str, end: str) -> bool:
+        return (self.start is None or self.start == start) and (self.end is None or self.end == end)
+
+
+class StandIn:
+    """The Export API on 127.0.0.1; use as a context manager, `base_url` once started."""
+
+    def __init__(
+        self,
+        api_key="demo",
+        secret_key="demo",
+        events_per_part=3,
+        parts_per_hour=2,
+        empty_hours=(),
+        too_large_over_hours=None,
+        timeout_over_hours=None,
+        archive_path=None,
+        seed=7,
+    ):
+        self.api_key = api_key
+        self.secret_key = secret_key
+        self.events_per_part = events_per_part
+        self.parts_per_hour = parts_per_hour
+        self.empty_hours = set(empty_hours)
+        self.too_large_over_hours = too_large_over_hours
+        self.timeout_over_hours = timeout_over_hours
+        self.archive_path = archive_path
+        self.seed = seed
+        self.faults: deque[Fault] = deque()
+        self.requests: list[dict] = []
+        self._lock = threading.Lock()
+        self._server = None
+        self._thread = None
+
+    @property
+    def base_url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def start(self, port=0):
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), make_handler(self))
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self):
+        if self._server:
+            self._server.shutdown()
+            self._server.server_close()
+
+    def add_fault(self, kind, start=None, end=None, times=1, **options):
+        """Answer the next `times` matching requests with `kind` instead of the data."""
+        for _ in range(times):
+            self.faults.append(Fault(kind, start, end, **options))
+
+    def take_fault(self, start: str, end: str):
+        with self._lock:
+            for fault in self.faults:
+                if fault.matches(start, end):
+                    self.faults.remove(fault)
+                    return fault
+        return None
+
+    def record(self, **entry):
+        with self._lock:
+            self.requests.append(entry)
+
+    def events(self, hour: dt.datetime, part: int) -> list[bytes]:
+        """The event lines of one member, the same on every call."""
+        if hour in self.empty_hours:
+            return []
+        rng = random.Random(f"{self.seed}-{hour:%Y%m%d%H}-{part}")
+        return [make_event(hour, part, index, rng) for index in range(self.events_per_part)]
+
+    def expected_lines(self, start: dt.datetime, end: dt.datetime) -> list[bytes]:
+        """Every event of the range in the order the exporter must write them: hour, then part."""
+        return [line for hour in hours(start, end) for part in range(self.parts_per_hour) for line in self.events(hour, part)]
+
+    def members(self, start: dt.datetime, end: dt.datetime) -> list[tuple[str, bytes]]:
+        """(name, gzipped JSON lines) for every non-empty part, in the scrambled order a zip may list them."""
+        members = []
+        for hour in hours(start, end):
+            for part in range(self.parts_per_hour):
+                lines = self.events(hour, part)
+                if lines:
+                    members.append((member_name(hour, part), gzip.compress(b"\n".join(lines) + b"\n", 6, mtime=0)))
+        return sorted(members, key=lambda member: member[0], reverse=True)
+
+
+def make_handler(standin: StandIn):
+    class ExportHandler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            url = urlsplit(self.path)
+            query = {k: v[0] for k, v in parse_qs(url.query).items()}
+            start, end = query.get("start", ""), query.get("end", "")
+            standin.record(
+                path=url.path, start=start, end=end, user_agent=self.headers.get("User-Agent", ""),
+                authorization=self.headers.get("Authorization", ""),
+            )
+            if url.path != "/api/2/export":
+                return self.send_text(404, "Not found")
+            if not self.authorized():
+                return self.send_text(401, "Invalid API key or secret key")
+            span = parse_span(start, end)
+            if span is None:
+                return self.send_text(400, "Invalid start or end parameter")
+            fault = standin.take_fault(start, end)
+            if fault:
+                return self.send_fault(fault, span)
+            span_hours = int((span[1] - span[0]) / HOUR) + 1
+            if standin.too_large_over_hours and span_hours > standin.too_large_over_hours:
+                return self.send_text(400, TOO_LARGE_TEXT)
+            if standin.timeout_over_hours and span_hours > standin.timeout_over_hours:
+                return self.send_text(504, "Gateway Timeout")
+            if standin.archive_path:
+                return self.send_file(Path(standin.archive_path))
+            members = standin.members(*span)
+            if not members:
+                return self.send_text(404, NOT_FOUND_TEXT)
+            self.send_bytes(200, build_archive(members), "application/zip")
+
+        def authorized(self) -> bool:
+            expected = base64.b64encode(f"{standin.api_key}:{standin.secret_key}".encode()).decode()
+            return self.headers.get("Authorization", "") == f"Basic {expected}"
+
+        def send_fault(self, fault: Fault, span):
+            if isinstance(fault.kind, int):
+                headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else {}
+                return self.send_text(fault.kind, fault.body or f"Error {fault.kind}", headers)
+            if fault.kind == "stall":
+                time.sleep(fault.seconds)
+                return self.send_text(503, "stalled")
+            if fault.kind == "not_zip":
+                return self.send_bytes(200, b"<html><body>Service temporarily unavailable</body></html>", "text/html")
+            members = standin.members(*span) or [(member_name(span[0], 0), gzip.compress(b'{"event_type":"x"}\n'))]
+            if fault.kind == "drop":
+                body = build_archive(members)
+                return self.send_partial(body, announce_length=True)
+            if fault.kind == "truncate":
+                body = build_archive(members)
+                return self.send_partial(body, announce_length=False)
+            if fault.kind == "corrupt_crc":
+                body = bytearray(build_archive(members))
+                body[len(body) // 4] ^= 0xFF
+                return self.send_bytes(200, bytes(body), "application/zip")
+            if fault.kind == "corrupt_gzip":
+                name, data = members[0]
+                damaged = data[:10] + bytes(b ^ 0x55 for b in data[10:30]) + data[30:]
+                return self.send_bytes(200, build_archive([(name, damaged)] + members[1:]), "application/zip")
+            if fault.kind == "bad_line":
+                name, data = members[-1]
+                lines = gzip.decompress(data) + b'{"event_type": "cut short\n'
+                return self.send_bytes(200, build_archive(members[:-1] + [(name, gzip.compress(lines))]), "application/zip")
+            raise AssertionError(fault.kind)
+
+        def send_text(self, status: int, text: str, headers=None):
+            self.send_bytes(status, text.encode(), "text/plain; charset=utf-8", headers)
+
+        def send_bytes(self, status: int, body: bytes, content_type: str, headers=None):
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def send_partial(self, body: bytes, announce_length: bool):
+            """Half the body, then the connection closes: with a Content-Length it is a drop, without a truncation."""
+            self.send_response(200)
+            self.send_header("Content-Type", "application/zip")
+            if announce_length:
+                self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+
+        def send_file(self, path: Path):
+            self.send_response(200)
+            self.send_header("Content-Type", "application/zip")
+            self.send_header("Content-Length", str(path.stat().st_size))
+            self.end_headers()
+            with open(path, "rb") as source:
+                shutil.copyfileobj(source, self.wfile, 1 << 20)
+
+    return ExportHandler
+
+
+@contextlib.contextmanager
+def demo_server(api_key: str, secret_key: str):
+    """A stand-in with a realistic amount of data for `fetch_data.py --demo`; yields its base URL."""
+    with StandIn(api_key, secret_key, events_per_part=40, parts_per_hour=2) as standin:
+        yield standin.base_url
+
+
+def build_archive(members: list[tuple[str, bytes]]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in members:
+            archive.writestr(zipfile.ZipInfo(name, date_time=(2025, 1, 1, 0, 0, 0)), data)
+    return buffer.getvalue()
+
+
+def member_name(hour: dt.datetime, part: int) -> str:
+    return f"{PROJECT_ID}/{PROJECT_ID}_{hour:%Y-%m-%d}_{hour.hour}#{part}.json.gz"
+
+
+def parse_span(start: str, end: str):
+    try:
+        first = dt.datetime.strptime(start, "%Y%m%dT%H").replace(tzinfo=dt.UTC)
+        last = dt.datetime.strptime(end, "%Y%m%dT%H").replace(tzinfo=dt.UTC)
+    except ValueError:
+        return None
+    return (first, last) if first <= last else None
+
+
+def hours(start: dt.datetime, end: dt.datetime):
+    moment = start
+    while moment <= end:
+        yield moment
+        moment += HOUR
+
+
+def make_event(hour: dt.datetime, part: int, index: int, rng: random.Random) -> bytes:
+    """One event line shaped like Amplitude's: Unicode, integers beyond 2^53, escapes kept as sent."""
+    when = hour + dt.timedelta(seconds=rng.randrange(3600), microseconds=rng.randrange(10**6))
+    uploaded = when + dt.timedelta(seconds=rng.randrange(1, 30))
+    user = rng.randrange(1, 5000)
+    event = {
+        "$insert_id": f"{rng.getrandbits(128):032x}",
+        "uuid": f"{rng.getrandbits(128):032x}",
+        "app": PROJECT_ID,
+        "event_id": rng.randrange(1, 10**6),
+        "event_type": rng.choice(EVENT_TYPES),
+        "event_time": f"{when:%Y-%m-%d %H:%M:%S.%f}",
+        "server_upload_time": f"{uploaded:%Y-%m-%d %H:%M:%S.%f}",
+        "client_event_time": f"{when:%Y-%m-%d %H:%M:%S.%f}",
+        "user_id": f"user-{user}",
+        "device_id": f"{rng.getrandbits(64):016x}",
+        "session_id": int(when.timestamp() * 1000) - rng.randrange(10**6),
+        "amplitude_id": 2**53 + rng.getrandbits(60),
+        "country": "Germany",
+        "city": rng.choice(CITIES),
+        "platform": rng.choice(("Web", "iOS", "Android")),
+        "os_name": "Chrome",
+        "language": "de",
+        "ip_address": f"10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(256)}",
+        "event_properties": {
+            "path": f"/produkte/{rng.randrange(1000)}",
+            "price": round(rng.uniform(1, 500), 2),
+            "order_id": 10**20 + rng.getrandbits(64),
+            "note": rng.choice(("grüße", "naïve café", "emoji 🚀", "quote \" and \\ backslash", "")),
+        },
+        "user_properties": {"plan": rng.choice(("free", "pro", "enterprise")), "cohort": rng.randrange(52)},
+        "groups": {},
+        "data": {"path": "/2/httpapi", "group_first_event": {}},
+    }
+    line = json.dumps(event, ensure_ascii=bool(index % 2), separators=(", ", ": ") if part % 2 else (",", ":"))
+    return line.encode("utf-8")

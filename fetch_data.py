@@ -1,0 +1,973 @@
+"""Export raw Amplitude Analytics events from the Export API (EU residency server by default).
+
+`python fetch_data.py` exports yesterday (UTC, T00 to T23) to data/YYYYMMDD_HHMM_ampl_dump.json.
+Ranges, resume, splitting of too-large windows, parallel windows and formats: see README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as dt
+import errno
+import fcntl
+import hashlib
+import itertools
+import json
+import logging
+import os
+import re
+import sys
+import time
+import uuid
+import zipfile
+import zlib
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+import simdjson
+from dotenv import load_dotenv
+from isal import igzip, isal_zlib
+
+from logging_config import setup_logging
+
+log = logging.getLogger("fetch_data")
+
+EU_BASE_URL = "https://analytics.eu.amplitude.com"
+US_BASE_URL = "https://amplitude.com"
+EXPORT_PATH = "/api/2/export"
+USER_AGENT = "amplitude-eu-export/1.0 (fetch_data.py)"
+
+# The seed's settings and defaults.
+log_outpath = "logs"
+log_level = logging.INFO
+data_outpath = "data"
+data_outfile = "ampl_dump"
+max_attempts = 5
+delay_seconds = 1
+
+CONNECT_TIMEOUT = 10.0
+READ_TIMEOUT = 300.0
+RETRY_AFTER_CAP = 60.0
+MAX_WORKERS = 5  # Amplitude allows 5 concurrent REST requests per project.
+MAX_WINDOW_HOURS = 365 * 24  # The Export API's own limit for one request.
+FRESHNESS = dt.timedelta(hours=2)  # Amplitude makes events exportable about 2 hours after upload.
+HOUR = dt.timedelta(hours=1)
+HOUR_FORMAT = "%Y%m%dT%H"
+CHUNK_BYTES = 1 << 20
+GZIP_LEVEL = isal_zlib.ISAL_DEFAULT_COMPRESSION
+MANIFEST_NAME = "manifest.jsonl"
+LOCK_NAME = ".lock"
+TEMP_PREFIX = ".ampl-"
+TEMP_SUFFIX = ".part"
+ERROR_BODY_CHARS = 200
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+# Seen in Amplitude archives: <project>/<project>_<YYYY-MM-DD>_<H>#<N>.json.gz, the hour not zero-padded.
+MEMBER_NAME = re.compile(r"_(\d{4}-\d{2}-\d{2})_(\d{1,2})#(\d+)\.json(?:\.gz)?$")
+CORRUPT_ARCHIVE_ERRORS = (zipfile.BadZipFile, zlib.error, isal_zlib.error, EOFError, OSError)
+
+
+class UsageError(Exception):
+    """Bad flags, dates or configuration: exit 2 before any request."""
+
+
+class ExportError(Exception):
+    """An export that failed for a reason the user can read and act on: exit 1."""
+
+
+class TooLarge(Exception):
+    """Amplitude refused a window as too large (400) or kept timing out on it (504): split it."""
+
+
+class Retryable(Exception):
+    """A failed attempt worth repeating after `wait` seconds."""
+
+    def __init__(self, reason: str, wait: float, status: int | None = None):
+        super().__init__(reason)
+        self.wait = wait
+        self.status = status
+
+
+class CorruptArchive(Exception):
+    """The 200 body is not a readable zip of gzip members: download it again."""
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Window:
+    """Consecutive UTC hours from `start` to `end`, both included, as the Export API counts them."""
+
+    start: dt.datetime
+    end: dt.datetime
+
+    @property
+    def hours(self) -> int:
+        return int((self.end - self.start) / HOUR) + 1
+
+    @property
+    def label(self) -> str:
+        return f"{format_hour(self.start)}-{format_hour(self.end)}"
+
+    def halves(self) -> tuple[Window, Window]:
+        middle = self.start + (self.hours // 2) * HOUR
+        return Window(self.start, middle - HOUR), Window(middle, self.end)
+
+    def __str__(self) -> str:
+        return self.label
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    api_key: str = dataclasses.field(repr=False)
+    secret_key: str = dataclasses.field(repr=False)
+    base_url: str
+    windows: tuple[Window, ...]
+    data_dir: Path
+    data_outfile: str
+    log_dir: Path
+    log_level: int
+    max_attempts: int
+    delay_seconds: float
+    read_timeout: float
+    window_hours: int
+    workers: int
+    file_format: str
+    gzip: bool
+    refetch: bool
+    demo: bool
+    started: dt.datetime
+
+    @property
+    def extension(self) -> str:
+        return f".{self.file_format}" + (".gz" if self.gzip else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    """A window's events, complete and fsynced in a temporary file, waiting to be put in place."""
+
+    window: Window
+    temp_path: Path
+    events: int
+    size: int
+    sha256: str
+    seconds: float
+
+
+def main(argv: list[str] | None = None) -> int:
+    load_dotenv(Path(".env"), override=False)
+    now = dt.datetime.now(dt.UTC)
+    try:
+        settings = parse_settings(argv, os.environ, now)
+    except UsageError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    setup_logging(settings.log_dir, settings.log_level, now)
+    try:
+        with serve_demo_if_asked(settings) as settings:
+            return run(settings)
+    except ExportError as exc:
+        log.error("%s", exc)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        log.error("Interrupted; nothing half-written is kept, the next run exports what is missing")
+        return EXIT_FAILED
+
+
+def parse_settings(argv: list[str] | None, env, now: dt.datetime) -> Settings:
+    """Every setting once, from a flag or its environment variable, validated before any I/O."""
+    args = build_parser().parse_args(argv)
+    pick = SettingPicker(args, env)
+    demo = args.demo
+    window_hours = pick.integer("window_hours", "AMP_WINDOW_HOURS", 24, 1, MAX_WINDOW_HOURS)
+    start, end = pick_range(args, now)
+    api_key, secret_key = ("demo", "demo") if demo else pick_credentials(env)
+    return Settings(
+        api_key=api_key,
+        secret_key=secret_key,
+        base_url=pick_base_url(pick),
+        windows=tuple(plan_windows(start, end, window_hours)),
+        data_dir=Path(pick.text("data_dir", "AMP_DATA_DIR", "demo/data" if demo else data_outpath)),
+        data_outfile=pick.file_stem("data_outfile", "AMP_DATA_OUTFILE", data_outfile),
+        log_dir=Path(pick.text("log_dir", "AMP_LOG_DIR", "demo/logs" if demo else log_outpath)),
+        log_level=pick.log_level("log_level", "AMP_LOG_LEVEL", logging.getLevelName(log_level)),
+        max_attempts=pick.integer("max_attempts", "AMP_MAX_ATTEMPTS", max_attempts, 1, 100),
+        delay_seconds=pick.number("delay_seconds", "AMP_DELAY_SECONDS", delay_seconds, 0, 3600),
+        read_timeout=pick.number("read_timeout", "AMP_READ_TIMEOUT", READ_TIMEOUT, 0.1, 86400),
+        window_hours=window_hours,
+        workers=pick.integer("workers", "AMP_WORKERS", 1, 1, MAX_WORKERS),
+        file_format=pick.choice("format", "AMP_FORMAT", "json", ("json", "jsonl")),
+        gzip=args.gzip,
+        refetch=args.refetch,
+        demo=demo,
+        started=now,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = QuietParser(
+        prog="fetch_data.py",
+        description="Export raw Amplitude events (EU residency server by default) to local files.",
+    )
+    when = parser.add_argument_group("what to export (UTC; default: yesterday)")
+    when.add_argument("--date", help="one UTC day, YYYY-MM-DD")
+    when.add_argument("--start", help="first hour: YYYY-MM-DD (its T00) or YYYYMMDDTHH")
+    when.add_argument("--end", help="last hour, included: YYYY-MM-DD (its T23) or YYYYMMDDTHH")
+    when.add_argument("--window-hours", help="hours per request and per output file (env AMP_WINDOW_HOURS, default 24)")
+    when.add_argument("--refetch", action="store_true", help="export windows again even if the manifest has them")
+    source = parser.add_argument_group("where from")
+    source.add_argument("--region", help="eu or us (env AMP_REGION, default eu)")
+    source.add_argument("--base-url", help="API base URL; overrides --region (env AMP_BASE_URL)")
+    source.add_argument("--max-attempts", help="attempts per request (env AMP_MAX_ATTEMPTS, default 5)")
+    source.add_argument("--delay-seconds", help="wait after a failed attempt; 2x after 429 (env AMP_DELAY_SECONDS, default 1)")
+    source.add_argument("--read-timeout", help="seconds without a byte before an attempt fails (env AMP_READ_TIMEOUT, default 300)")
+    source.add_argument("--workers", help="windows downloaded in parallel, 1 to 5 (env AMP_WORKERS, default 1)")
+    output = parser.add_argument_group("where to")
+    output.add_argument("--data-dir", help="output folder (env AMP_DATA_DIR, default data)")
+    output.add_argument("--data-outfile", help="file name stem (env AMP_DATA_OUTFILE, default ampl_dump)")
+    output.add_argument("--format", help="json (one array) or jsonl (one event a line) (env AMP_FORMAT, default json)")
+    output.add_argument("--gzip", action="store_true", help="gzip the output files (.json.gz / .jsonl.gz)")
+    output.add_argument("--log-dir", help="log folder (env AMP_LOG_DIR, default logs)")
+    output.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (env AMP_LOG_LEVEL, default INFO)")
+    parser.add_argument("--demo", action="store_true", help="export from a local stand-in of the API: no credentials, no network")
+    return parser
+
+
+class QuietParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line (via UsageError) instead of usage text."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see --help)")
+
+
+class SettingPicker:
+    """Reads one setting from its flag, else its environment variable, else its default; names the source in errors."""
+
+    def __init__(self, args: argparse.Namespace, env):
+        self.args = args
+        self.env = env
+
+    def raw(self, name: str, variable: str | None, default):
+        flag_value = getattr(self.args, name, None) if name else None
+        if flag_value is not None:
+            return flag_value, "--" + name.replace("_", "-")
+        if variable and self.env.get(variable, "").strip():
+            return self.env[variable].strip(), variable
+        return default, None
+
+    def text(self, name, variable, default) -> str:
+        return str(self.raw(name, variable, default)[0])
+
+    def integer(self, name, variable, default, low, high) -> int:
+        value, source = self.raw(name, variable, default)
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise UsageError(f"{source}: expected a whole number, got {value!r}") from None
+        if not low <= number <= high:
+            raise UsageError(f"{source}: must be between {low} and {high}, got {number}")
+        return number
+
+    def number(self, name, variable, default, low, high) -> float:
+        value, source = self.raw(name, variable, default)
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise UsageError(f"{source}: expected a number of seconds, got {value!r}") from None
+        if not low <= number <= high:
+            raise UsageError(f"{source}: must be between {low} and {high}, got {value}")
+        return number
+
+    def choice(self, name, variable, default, choices) -> str:
+        value, source = self.raw(name, variable, default)
+        value = str(value).lower()
+        if value not in choices:
+            raise UsageError(f"{source}: must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def log_level(self, name, variable, default) -> int:
+        return getattr(logging, self.choice(name, variable, default.lower(), ("debug", "info", "warning", "error")).upper())
+
+    def file_stem(self, name, variable, default) -> str:
+        value, source = self.raw(name, variable, default)
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", str(value)):
+            raise UsageError(f"{source}: use letters, digits, '_', '.' and '-' only, got {value!r}")
+        return str(value)
+
+
+def pick_credentials(env) -> tuple[str, str]:
+    names = ("AMP_API_KEY", "AMP_SECRET_KEY")
+    missing = [name for name in names if not env.get(name, "").strip()]
+    if missing:
+        raise UsageError(f"{' and '.join(missing)} not set: put them in .env (see .env.example) or the environment")
+    return env[names[0]].strip(), env[names[1]].strip()
+
+
+def pick_base_url(pick: SettingPicker) -> str:
+    if pick.args.demo:
+        return "http://127.0.0.1"  # replaced by the stand-in's address once it listens
+    region = pick.choice("region", "AMP_REGION", "eu", ("eu", "us"))
+    base_url, source = pick.raw("base_url", "AMP_BASE_URL", EU_BASE_URL if region == "eu" else US_BASE_URL)
+    if not re.fullmatch(r"https?://[^\s/@]+(/[^\s]*)?", base_url):
+        raise UsageError(f"{source}: expected an http(s) URL without credentials, got {base_url!r}")
+    return base_url.rstrip("/")
+
+
+def pick_range(args: argparse.Namespace, now: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
+    """The first and last hour to export: --date, --start/--end, or yesterday."""
+    last_finished = last_finished_hour(now)
+    if args.date and (args.start or args.end):
+        raise UsageError("--date cannot be combined with --start/--end")
+    if args.date:
+        start = parse_hour(args.date, "--date", last_hour=False)
+        end = start + 23 * HOUR
+        if end > last_finished:
+            raise UsageError(f"--date {args.date}: that UTC day has not ended yet")
+        return start, end
+    if args.start or args.end:
+        if not (args.start and args.end):
+            raise UsageError("--start and --end go together")
+        start = parse_hour(args.start, "--start", last_hour=False)
+        end = parse_hour(args.end, "--end", last_hour=True)
+        if end < start:
+            raise UsageError(f"--end {args.end} is before --start {args.start}")
+        if end > last_finished:
+            raise UsageError(f"--end {args.end}: the last finished hour is {format_hour(last_finished)} UTC")
+        return start, end
+    window = yesterday(now)
+    return window.start, window.end
+
+
+def serve_demo_if_asked(settings: Settings):
+    """For --demo, a stand-in of the Export API on 127.0.0.1 for the length of the run."""
+    if not settings.demo:
+        return contextlib.nullcontext(settings)
+    from amplitude_standin import demo_server
+
+    @contextlib.contextmanager
+    def demo():
+        with demo_server(settings.api_key, settings.secret_key) as base_url:
+            log.info("Demo: exporting from the local stand-in at %s", base_url)
+            yield dataclasses.replace(settings, base_url=base_url)
+
+    return demo()
+
+
+def run(settings: Settings) -> int:
+    """Export every planned window that is not already exported; exit code 1 if any failed."""
+    began = time.monotonic()
+    data_dir = ensure_folder(settings.data_dir)
+    with hold_lock(data_dir):
+        remove_temp_files(data_dir)
+        manifest = data_dir / MANIFEST_NAME
+        records = read_manifest(manifest)
+        covered = set() if settings.refetch else exported_hours(records, data_dir)
+        todo = plan_missing(settings.windows, covered)
+        skipped = sum(w.hours for w in settings.windows) - sum(w.hours for w in todo)
+        if skipped:
+            log.info("Skipping %d hour(s) already exported (manifest %s; --refetch exports them again)", skipped, manifest)
+        warn_if_fresh(todo, settings.started)
+        several = len(settings.windows) > 1 or todo != list(settings.windows)
+
+        def save(finished: Finished) -> dict:
+            return save_window(finished, settings, manifest, several)
+
+        saved, failures = export_windows(todo, settings, save)
+    log_summary(settings, saved, failures, time.monotonic() - began)
+    return EXIT_FAILED if failures else EXIT_OK
+
+
+def export_windows(windows: list[Window], settings: Settings, save) -> tuple[list[dict], list[tuple[Window, str]]]:
+    """Download windows on `workers` threads; put each in place in window order so runs are reproducible."""
+    saved, failures = [], []
+    progress = open_progress(len(windows))
+    pending: deque = deque()
+    queue = iter(windows)
+    with ThreadPoolExecutor(settings.workers, thread_name_prefix="window") as pool:
+        try:
+            for window in itertools.islice(queue, 2 * settings.workers):
+                pending.append((window, pool.submit(export_window, window, settings)))
+            while pending:
+                window, future = pending.popleft()
+                try:
+                    record = save(future.result())
+                    saved.append(record)
+                    progress.advance(record["bytes"])
+                except ExportError as exc:
+                    log.error("Window %s failed: %s", window, exc)
+                    failures.append((window, str(exc)))
+                    progress.advance(0)
+                following = next(queue, None)
+                if following:
+                    pending.append((following, pool.submit(export_window, following, settings)))
+        finally:
+            for _, future in pending:
+                future.cancel()
+            pool.shutdown(wait=True)
+            for _, future in pending:
+                discard_unsaved(future)
+            progress.close()
+    return saved, failures
+
+
+def export_window(window: Window, settings: Settings) -> Finished:
+    """One window into one temporary file, splitting requests Amplitude finds too large."""
+    began = time.monotonic()
+    temp_path = settings.data_dir / f"{TEMP_PREFIX}{window.label}-{uuid.uuid4().hex[:8]}{settings.extension}{TEMP_SUFFIX}"
+    writer = None
+    try:
+        writer = EventWriter(temp_path, settings.file_format, settings.gzip)
+        with requests.Session() as session:
+            session.auth = (settings.api_key, settings.secret_key)
+            session.headers["User-Agent"] = USER_AGENT
+            export_span(window, writer, session, settings, simdjson.Parser())
+        writer.finish()
+    except BaseException as exc:
+        if writer:
+            writer.discard()
+        if isinstance(exc, OSError):
+            raise ExportError(f"cannot write to {settings.data_dir}: {exc.strerror or exc}") from None
+        raise
+    return Finished(window, temp_path, writer.events, writer.size, writer.sha256(), time.monotonic() - began)
+
+
+def export_span(span: Window, writer: EventWriter, session, settings: Settings, parser) -> None:
+    try:
+        fetch(span, writer, session, settings, parser)
+    except TooLarge as exc:
+        if span.hours == 1:
+            raise ExportError(
+                f"hour {span.label[:11]} alone is too large for the Export API ({exc}); "
+                "use Amplitude's Amazon S3 or data warehouse export for this hour"
+            ) from None
+        first, second = span.halves()
+        log.warning("%s: %s; splitting into %s and %s", span, exc, first, second)
+        export_span(first, writer, session, settings, parser)
+        export_span(second, writer, session, settings, parser)
+
+
+def fetch(span: Window, writer: EventWriter, session, settings: Settings, parser, sleep=time.sleep) -> None:
+    """Download `span` and write its events, retrying as the seed specifies: a bounded loop, a counter per span."""
+    last: Retryable | None = None
+    for attempt in range(1, settings.max_attempts + 1):
+        log.info("Fetching %s (attempt %d/%d)", span, attempt, settings.max_attempts)
+        try:
+            fetch_once(span, writer, session, settings, parser)
+            return
+        except Retryable as exc:
+            last = exc
+            if attempt < settings.max_attempts:
+                log.warning("%s: %s; waiting %gs before attempt %d", span, exc, exc.wait, attempt + 1)
+                sleep(exc.wait)
+            else:
+                log.warning("%s: %s", span, exc)
+    if last.status == 504 and span.hours > 1:
+        raise TooLarge(f"still timing out (504) after {settings.max_attempts} attempts")
+    log.error("Max fetch attempts reached for %s (%d)", span, settings.max_attempts)
+    raise ExportError(f"Max fetch attempts reached for {span} ({settings.max_attempts}); last error: {last}")
+
+
+def fetch_once(span: Window, writer: EventWriter, session, settings: Settings, parser) -> None:
+    """One request: on 200 the events go into `writer`, else the response says retry, split, skip or fail."""
+    zip_path = writer.path.with_name(f"{TEMP_PREFIX}download-{span.label}-{uuid.uuid4().hex[:8]}.zip{TEMP_SUFFIX}")
+    try:
+        status, headers, first_line = download(session, span, settings, zip_path)
+        decision = classify(status, headers, first_line, settings.delay_seconds)
+        if decision == "ok":
+            write_archive(zip_path, writer, settings, parser)
+        elif decision == "empty":
+            log.info("%s: no data for this range (HTTP 404: %s)", span, first_line or "no body")
+    finally:
+        zip_path.unlink(missing_ok=True)
+
+
+def download(session, span: Window, settings: Settings, dest: Path) -> tuple[int, dict, str]:
+    """Stream the response body to `dest` on 200; return the status, headers and the first line of any other body."""
+    params = {"start": format_hour(span.start), "end": format_hour(span.end)}
+    try:
+        with session.get(
+            settings.base_url + EXPORT_PATH,
+            params=params,
+            stream=True,
+            timeout=(CONNECT_TIMEOUT, settings.read_timeout),
+        ) as response:
+            if response.status_code != 200:
+                return response.status_code, response.headers, first_line_of(response)
+            with open(dest, "wb") as out:
+                for chunk in response.iter_content(CHUNK_BYTES):
+                    out.write(chunk)
+            return 200, response.headers, ""
+    except requests.Timeout:
+        raise Retryable(f"no answer within {settings.read_timeout:g}s (timeout)", settings.delay_seconds) from None
+    except requests.RequestException as exc:
+        raise Retryable(f"connection failed or body cut short ({type(exc).__name__})", settings.delay_seconds) from None
+
+
+def classify(status: int, headers, first_line: str, delay: float) -> str:
+    """The one place that decides what a response means: 'ok', 'empty', or an exception to retry, split or fail."""
+    if status == 200:
+        return "ok"
+    if status == 404:
+        return "empty"
+    if status == 429:
+        wait = max(2 * delay, min(retry_after_seconds(headers), RETRY_AFTER_CAP))
+        raise Retryable("rate limit exceeded (HTTP 429)", wait, status)
+    if status >= 500:
+        raise Retryable(f"server error (HTTP {status})", delay, status)
+    if status in (401, 403):
+        raise ExportError(
+            f"Amplitude rejected the credentials (HTTP {status}): check AMP_API_KEY and AMP_SECRET_KEY, "
+            "and that the project lives in the region asked for (EU by default; --region us for a US project)"
+        )
+    if status == 400:
+        raise TooLarge(f"HTTP 400: {first_line or 'export too large'}")
+    raise ExportError(f"Amplitude answered HTTP {status}: {first_line or 'no body'}")
+
+
+def write_archive(zip_path: Path, writer: EventWriter, settings: Settings, parser) -> None:
+    """The archive's events into `writer`; a corrupt archive is undone and retried, a bad event fails the window."""
+    mark = writer.mark()
+    try:
+        for member, first_line_number, lines in unzip(zip_path):
+            writer.write_events(check_events(lines, member, first_line_number, parser))
+    except CorruptArchive as exc:
+        writer.rollback(mark)
+        raise Retryable(f"the archive is damaged ({exc})", settings.delay_seconds) from None
+
+
+def unzip(zip_path: Path):
+    """Yield (member, first line number, lines) in hour order, decompressing each gzip member as a stream."""
+    try:
+        with zipfile.ZipFile(zip_path) as archive:
+            members = sorted((m for m in archive.infolist() if not m.is_dir()), key=lambda m: member_order_key(m.filename))
+            for member in members:
+                with archive.open(member) as raw, igzip.GzipFile(fileobj=raw) as events:
+                    yield from read_lines(events, member.filename)
+    except CORRUPT_ARCHIVE_ERRORS as exc:
+        raise CorruptArchive(f"{type(exc).__name__}: {exc}") from None
+
+
+def read_lines(stream, member: str):
+    """Batches of complete lines, about CHUNK_BYTES at a time, without the newline."""
+    tail = b""
+    line_number = 1
+    while chunk := stream.read(CHUNK_BYTES):
+        lines = (tail + chunk).split(b"\n")
+        tail = lines.pop()
+        yield member, line_number, lines
+        line_number += len(lines)
+    if tail:
+        yield member, line_number, [tail]
+
+
+def check_events(lines: list[bytes], member: str, first_line_number: int, parser) -> list[bytes]:
+    """The lines that are events, each checked to be one JSON object; blank lines are dropped."""
+    parse = parser.parse
+    try:
+        if all(type(parse(line)) is simdjson.Object for line in lines):
+            return lines
+    except Exception:  # simdjson refuses some valid JSON (integers beyond 64 bits): decide line by line.
+        pass
+    return [line for number, line in enumerate(lines, first_line_number) if is_event(line, member, number, parser)]
+
+
+def is_event(line: bytes, member: str, number: int, parser) -> bool:
+    if not line.strip():
+        return False
+    try:
+        if type(parser.parse(line)) is simdjson.Object:
+            return True
+    except Exception:
+        pass
+    try:
+        value = json.loads(line, parse_constant=reject_constant)
+    except (ValueError, RecursionError):
+        value = None
+    if isinstance(value, dict):
+        return True
+    raise ExportError(f"{member} line {number}: not a JSON object: {line[:80]!r}")
+
+
+def reject_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+class EventWriter:
+    """Streams events into one file as a JSON array or JSON lines, optionally gzipped, hashing as it writes.
+
+    A mark/rollback pair undoes the events of a download that turned out damaged; with --gzip a mark closes
+    the current gzip member so the file can be cut there (a gzip file may hold several members).
+    """
+
+    def __init__(self, path: Path, file_format: str, gzip: bool):
+        self.path = path
+        self.events = 0
+        self.size = 0
+        self._array = file_format == "json"
+        self._gzip = gzip
+        self._hash = hashlib.sha256()
+        self._compressor = new_compressor() if gzip else None
+        self._member_open = False
+        self._file = open(path, "xb")  # noqa: SIM115 - the writer owns the file until finish() or discard()
+
+    def write_events(self, lines: list[bytes]) -> None:
+        if not lines:
+            return
+        if self._array:
+            data = (b",\n" if self.events else b"[\n") + b",\n".join(lines)
+        else:
+            data = b"\n".join(lines) + b"\n"
+        self.events += len(lines)
+        self._encode(data)
+
+    def mark(self) -> tuple:
+        self._close_member()
+        return self.size, self.events, self._hash.copy()
+
+    def rollback(self, mark: tuple) -> None:
+        self.size, self.events, hash_copy = mark
+        self._hash = hash_copy.copy()
+        self._file.seek(self.size)
+        self._file.truncate()
+        if self._gzip:
+            self._compressor = new_compressor()
+            self._member_open = False
+
+    def finish(self) -> None:
+        if self._array:
+            self._encode(b"\n]\n" if self.events else b"[]\n")
+        if self._gzip and (self._member_open or self.size == 0):
+            self._raw(self._compressor.flush())
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+    def discard(self) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
+
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    def _encode(self, data: bytes) -> None:
+        if self._gzip:
+            self._member_open = True
+            data = self._compressor.compress(data)
+        self._raw(data)
+
+    def _close_member(self) -> None:
+        if self._gzip and self._member_open:
+            self._raw(self._compressor.flush())
+            self._compressor = new_compressor()
+            self._member_open = False
+
+    def _raw(self, data: bytes) -> None:
+        if data:
+            self._file.write(data)
+            self._hash.update(data)
+            self.size += len(data)
+
+
+def new_compressor():
+    return isal_zlib.compressobj(GZIP_LEVEL, isal_zlib.DEFLATED, 16 + isal_zlib.MAX_WBITS)
+
+
+def save_window(finished: Finished, settings: Settings, manifest: Path, several: bool) -> dict:
+    """Put a finished window under its final name (never over another file), then record it in the manifest."""
+    try:
+        name = claim_name(finished.temp_path, output_names(settings, finished.window, several))
+        fsync_folder(settings.data_dir)
+        record = manifest_record(finished, name, now_utc())
+        append_manifest(manifest, record)
+    except OSError as exc:
+        finished.temp_path.unlink(missing_ok=True)
+        raise ExportError(f"cannot save {finished.window} in {settings.data_dir}: {exc.strerror or exc}") from None
+    log.info(
+        "Exported %s: %d events, %d bytes to %s in %.1fs",
+        finished.window, finished.events, finished.size, settings.data_dir / name, finished.seconds,
+    )
+    return record
+
+
+def claim_name(temp_path: Path, names) -> str:
+    """Rename `temp_path` to the first free name; a hard link makes 'free' and 'taken' one atomic step."""
+    for name in names:
+        target = temp_path.with_name(name)
+        try:
+            os.link(temp_path, target)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise
+            if target.exists():  # a filesystem without hard links; the run lock keeps this check honest
+                continue
+            os.replace(temp_path, target)
+            return name
+        temp_path.unlink()
+        return name
+    raise AssertionError("output_names never ends")
+
+
+def output_names(settings: Settings, window: Window, several: bool):
+    """Candidate file names, best first: the seed's name, then with the window, then with a counter."""
+    base = f"{settings.started:%Y%m%d_%H%M}_{settings.data_outfile}"
+    if not several:
+        yield base + settings.extension
+    yield f"{base}_{window.label}{settings.extension}"
+    for counter in itertools.count(2):
+        yield f"{base}_{window.label}_{counter}{settings.extension}"
+
+
+def manifest_record(finished: Finished, name: str, now: dt.datetime) -> dict:
+    return {
+        "start": format_hour(finished.window.start),
+        "end": format_hour(finished.window.end),
+        "file": name,
+        "events": finished.events,
+        "bytes": finished.size,
+        "sha256": finished.sha256,
+        "finished_at": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def append_manifest(manifest: Path, record: dict) -> None:
+    with open(manifest, "a", encoding="utf-8") as out:
+        out.write(json.dumps(record, separators=(",", ":")) + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def read_manifest(manifest: Path) -> list[dict]:
+    """The manifest's records; a line torn by a crash mid-append is cut off so the next append starts clean."""
+    if not manifest.exists():
+        return []
+    content = manifest.read_bytes()
+    if content and not content.endswith(b"\n"):
+        cut = content.rfind(b"\n") + 1
+        log.warning("%s: removing an incomplete last line left by an interrupted run", manifest)
+        with open(manifest, "r+b") as fix:
+            fix.truncate(cut)
+            os.fsync(fix.fileno())
+        content = content[:cut]
+    records = []
+    for number, line in enumerate(content.splitlines(), 1):
+        try:
+            record = json.loads(line)
+            parse_hour(record["start"], "start", last_hour=False)
+            parse_hour(record["end"], "end", last_hour=True)
+            records.append(record)
+        except (ValueError, KeyError, TypeError, UsageError):
+            log.warning("%s line %d is not a manifest record; ignored", manifest, number)
+    return records
+
+
+def exported_hours(records: list[dict], data_dir: Path) -> set[dt.datetime]:
+    """Hours whose export is recorded and whose file is still there with the recorded size."""
+    covered = set()
+    for record in records:
+        path = data_dir / str(record.get("file", ""))
+        if path.name and path.is_file() and path.stat().st_size == record.get("bytes"):
+            start = parse_hour(record["start"], "start", last_hour=False)
+            end = parse_hour(record["end"], "end", last_hour=True)
+            covered.update(hours_between(start, end))
+    return covered
+
+
+def remove_temp_files(data_dir: Path) -> None:
+    """Temporary files of an interrupted run; the lock guarantees no running export owns them."""
+    for stray in data_dir.glob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}"):
+        log.warning("Removing %s, left by an interrupted run", stray)
+        stray.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def hold_lock(data_dir: Path):
+    """One run per data folder; the kernel drops the lock when a run dies, so a crash never blocks the next."""
+    lock_path = data_dir / LOCK_NAME
+    with open(lock_path, "a+") as lock_file:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock_file.seek(0)
+            holder = lock_file.read().strip() or "unknown"
+            raise ExportError(f"another export is running in {data_dir} (pid {holder}); try again when it ends") from None
+        lock_file.truncate(0)
+        lock_file.write(str(os.getpid()))
+        lock_file.flush()
+        yield
+
+
+def discard_unsaved(future) -> None:
+    if future.cancelled() or not future.done() or future.exception() is not None:
+        return
+    future.result().temp_path.unlink(missing_ok=True)
+
+
+def warn_if_fresh(windows: list[Window], now: dt.datetime) -> None:
+    for window in windows:
+        if window.end + HOUR > now - FRESHNESS:
+            log.warning(
+                "%s ends less than 2 hours ago: Amplitude makes events exportable about 2 hours after upload, "
+                "so its last hours may be incomplete (export it again later with --refetch)", window,
+            )
+
+
+def log_summary(settings: Settings, saved: list[dict], failures, seconds: float) -> None:
+    events = sum(r["events"] for r in saved)
+    size = sum(r["bytes"] for r in saved)
+    first, last = settings.windows[0].start, settings.windows[-1].end
+    files = saved[0]["file"] if len(saved) == 1 else f"{len(saved)} files"
+    log.info(
+        "Summary: %s-%s, %d window(s) exported, %d event(s), %d byte(s), %s, %d failed, %.1fs",
+        format_hour(first), format_hour(last), len(saved), events, size, files, len(failures), seconds,
+    )
+    for window, reason in failures:
+        log.error("Failed window %s: %s (the next run exports it again)", window, reason)
+
+
+def open_progress(total: int):
+    """A progress bar when a person watches stderr; log lines only in cron."""
+    if not sys.stderr.isatty():
+        return NoProgress()
+    from tqdm import tqdm
+
+    return BarProgress(tqdm(total=total, unit="window", file=sys.stderr))
+
+
+class NoProgress:
+    def advance(self, size: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class BarProgress:
+    def __init__(self, bar):
+        self.bar = bar
+        self.size = 0
+
+    def advance(self, size: int) -> None:
+        self.size += size
+        self.bar.set_postfix_str(f"{self.size / 1e6:.1f} MB")
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def ensure_folder(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"cannot create the data folder {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def fsync_folder(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def first_line_of(response) -> str:
+    try:
+        text = response.raw.read(4096, decode_content=True).decode("utf-8", "replace")
+    except Exception:
+        return ""
+    return text.strip().splitlines()[0][:ERROR_BODY_CHARS] if text.strip() else ""
+
+
+def retry_after_seconds(headers) -> float:
+    try:
+        return max(0.0, float(headers.get("Retry-After", 0)))
+    except (TypeError, ValueError):
+        return 0.0
+
+
+# Pure helpers: time arithmetic and naming.
+
+
+def now_utc() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def yesterday(now: dt.datetime) -> Window:
+    day = floor_hour(now).replace(hour=0) - dt.timedelta(days=1)
+    return Window(day, day + 23 * HOUR)
+
+
+def last_finished_hour(now: dt.datetime) -> dt.datetime:
+    return floor_hour(now) - HOUR
+
+
+def floor_hour(moment: dt.datetime) -> dt.datetime:
+    return moment.astimezone(dt.UTC).replace(minute=0, second=0, microsecond=0)
+
+
+def parse_hour(text: str, source: str, last_hour: bool) -> dt.datetime:
+    """YYYY-MM-DD (its first hour, or its last when `last_hour`) or YYYYMMDDTHH, in UTC."""
+    text = str(text).strip()
+    try:
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+            day = dt.datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=dt.UTC)
+            return day + 23 * HOUR if last_hour else day
+        if re.fullmatch(r"\d{8}T\d{2}", text):
+            return dt.datetime.strptime(text, HOUR_FORMAT).replace(tzinfo=dt.UTC)
+    except ValueError:
+        raise UsageError(f"{source} {text}: no such date or hour") from None
+    raise UsageError(f"{source} {text!r}: expected YYYY-MM-DD or YYYYMMDDTHH (UTC)")
+
+
+def format_hour(moment: dt.datetime) -> str:
+    return moment.strftime(HOUR_FORMAT)
+
+
+def hours_between(start: dt.datetime, end: dt.datetime):
+    return (start + n * HOUR for n in range(int((end - start) / HOUR) + 1))
+
+
+def plan_windows(start: dt.datetime, end: dt.datetime, window_hours: int) -> list[Window]:
+    """Consecutive, non-overlapping windows of `window_hours` from `start`; the last one may be shorter."""
+    windows = []
+    while start <= end:
+        last = min(start + (window_hours - 1) * HOUR, end)
+        windows.append(Window(start, last))
+        start = last + HOUR
+    return windows
+
+
+def plan_missing(windows, covered: set[dt.datetime]) -> list[Window]:
+    """The parts of `windows` not in `covered`, as windows of consecutive missing hours."""
+    missing = []
+    for window in windows:
+        run_start = None
+        for hour in hours_between(window.start, window.end):
+            if hour in covered:
+                if run_start is not None:
+                    missing.append(Window(run_start, hour - HOUR))
+                    run_start = None
+            elif run_start is None:
+                run_start = hour
+        if run_start is not None:
+            missing.append(Window(run_start, window.end))
+    return missing
+
+
+def member_order_key(name: str) -> tuple:
+    """Hour order for archive members: date, hour, part number (the hour is not zero-padded in names)."""
+    found = MEMBER_NAME.search(name)
+    if found:
+        day, hour, part = found.groups()
+        return 0, day, int(hour), int(part), name
+    return 1, "", 0, 0, name
+
+
+if __name__ == "__main__":
+    sys.exit(main())
