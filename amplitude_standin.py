@@ -171,9 +171,9 @@ def make_handler(standin: StandIn):
             if fault:
                 return self.send_fault(fault, span)
             span_hours = int((span[1] - span[0]) / HOUR) + 1
-            if standin.too_large_over_hours and span_hours > standin.too_large_over_hours:
+            if standin.too_large_over_hours is not None and span_hours > standin.too_large_over_hours:
                 return self.send_text(400, TOO_LARGE_TEXT)
-            if standin.timeout_over_hours and span_hours > standin.timeout_over_hours:
+            if standin.timeout_over_hours is not None and span_hours > standin.timeout_over_hours:
                 return self.send_text(504, "Gateway Timeout")
             if standin.archive_path:
                 return self.send_file(Path(standin.archive_path))

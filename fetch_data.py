@@ -222,8 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--region", help="eu or us (env AMP_REGION, default eu)")
     source.add_argument("--base-url", help="API base URL; overrides --region (env AMP_BASE_URL)")
     source.add_argument("--max-attempts", help="attempts per request (env AMP_MAX_ATTEMPTS, default 5)")
-    source.add_argument("--delay-seconds", help="wait after a failed attempt; 2x after 429 (env AMP_DELAY_SECONDS, default 1)")
-    source.add_argument("--read-timeout", help="seconds without a byte before an attempt fails (env AMP_READ_TIMEOUT, default 300)")
+    source.add_argument(
+        "--delay-seconds", help="wait after a failed attempt; twice that after a 429 (env AMP_DELAY_SECONDS, default 1)"
+    )
+    source.add_argument(
+        "--read-timeout", help="seconds without a byte before an attempt fails (env AMP_READ_TIMEOUT, default 300)"
+    )
     source.add_argument("--workers", help="windows downloaded in parallel, 1 to 5 (env AMP_WORKERS, default 1)")
     output = parser.add_argument_group("where to")
     output.add_argument("--data-dir", help="output folder (env AMP_DATA_DIR, default data)")
@@ -302,7 +306,8 @@ def pick_credentials(env) -> tuple[str, str]:
     names = ("AMP_API_KEY", "AMP_SECRET_KEY")
     missing = [name for name in names if not env.get(name, "").strip()]
     if missing:
-        raise UsageError(f"{' and '.join(missing)} not set: put them in .env (see .env.example) or the environment")
+        pronoun = "it" if len(missing) == 1 else "them"
+        raise UsageError(f"{' and '.join(missing)} not set: put {pronoun} in .env (see .env.example) or the environment")
     return env[names[0]].strip(), env[names[1]].strip()
 
 

@@ -1,0 +1,106 @@
+import datetime as dt
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from amplitude_standin import StandIn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+API_KEY = "test-api-key-5f2a81"
+SECRET_KEY = "test-secret-9c1d77"
+UTC = dt.UTC
+
+
+def hour(text: str) -> dt.datetime:
+    return dt.datetime.strptime(text, "%Y%m%dT%H").replace(tzinfo=UTC)
+
+
+def as_array(lines: list[bytes]) -> bytes:
+    """The exporter's JSON array layout for these event lines."""
+    return b"[\n" + b",\n".join(lines) + b"\n]\n" if lines else b"[]\n"
+
+
+def as_jsonl(lines: list[bytes]) -> bytes:
+    return b"".join(line + b"\n" for line in lines)
+
+
+@pytest.fixture
+def standin():
+    with StandIn(API_KEY, SECRET_KEY) as server:
+        yield server
+
+
+class Cli:
+    """fetch_data.py run as a user runs it: a subprocess in its own folder, talking HTTP to the stand-in."""
+
+    def __init__(self, workdir: Path, standin: StandIn):
+        self.workdir = workdir
+        self.standin = standin
+        self.data = workdir / "data"
+        self.logs = workdir / "logs"
+
+    def env(self, **extra) -> dict:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AMP_", "AZURE_"))}
+        env.update(
+            AMP_API_KEY=API_KEY, AMP_SECRET_KEY=SECRET_KEY, AMP_BASE_URL=self.standin.base_url, AMP_DELAY_SECONDS="0",
+            PYTHONPATH=str(ROOT),
+        )
+        env.update({k: v for k, v in extra.items() if v is not None})
+        for key in [k for k, v in extra.items() if v is None]:
+            env.pop(key, None)
+        return env
+
+    def command(self, *args) -> list[str]:
+        return [sys.executable, str(ROOT / "fetch_data.py"), *args]
+
+    def run(self, *args, timeout=120, **env) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            self.command(*args), cwd=self.workdir, env=self.env(**env), capture_output=True, text=True,
+            timeout=timeout, stdin=subprocess.DEVNULL,
+        )
+
+    def start(self, *args, **env) -> subprocess.Popen:
+        return subprocess.Popen(
+            self.command(*args), cwd=self.workdir, env=self.env(**env), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+        )
+
+    def outputs(self) -> list[Path]:
+        """Export files under their final names, oldest window first."""
+        if not self.data.exists():
+            return []
+        return sorted(p for p in self.data.iterdir() if not p.name.startswith(".") and p.name != "manifest.jsonl")
+
+    def manifest(self) -> list[dict]:
+        import json
+
+        path = self.data / "manifest.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def leftovers(self) -> list[Path]:
+        return sorted(self.data.glob(".ampl-*")) if self.data.exists() else []
+
+    def everything_written(self) -> str:
+        """All text the run left behind, to look for secrets in."""
+        chunks = []
+        for folder in (self.data, self.logs):
+            if folder.exists():
+                chunks += [p.read_bytes().decode("utf-8", "replace") for p in folder.rglob("*") if p.is_file()]
+        return "\n".join(chunks)
+
+
+@pytest.fixture
+def cli(tmp_path, standin):
+    return Cli(tmp_path, standin)
+
+
+def assert_no_secrets(result: subprocess.CompletedProcess, cli: Cli) -> None:
+    for text in (result.stdout, result.stderr, cli.everything_written()):
+        assert API_KEY not in text
+        assert SECRET_KEY not in text
+        assert "Authorization" not in text
+        assert "Basic " not in text

@@ -1,0 +1,242 @@
+"""Pure logic: the export window, hour parsing, windows and their halves, member order, file names, settings."""
+
+import datetime as dt
+import logging
+from pathlib import Path
+
+import pytest
+
+import fetch_data as fd
+from tests.conftest import hour
+
+UTC = dt.UTC
+
+
+@pytest.mark.parametrize(
+    "now, start, end",
+    [
+        ("2025-11-07 00:43", "20251106T00", "20251106T23"),
+        ("2025-11-07 23:59", "20251106T00", "20251106T23"),
+        ("2025-03-01 03:00", "20250228T00", "20250228T23"),
+        ("2024-03-01 03:00", "20240229T00", "20240229T23"),
+        ("2026-01-01 00:00", "20251231T00", "20251231T23"),
+    ],
+)
+def test_yesterday_is_the_previous_utc_day(now, start, end):
+    moment = dt.datetime.strptime(now, "%Y-%m-%d %H:%M").replace(tzinfo=UTC)
+    assert fd.yesterday(moment) == fd.Window(hour(start), hour(end))
+
+
+def test_yesterday_uses_utc_whatever_the_timezone_of_now():
+    berlin_just_after_midnight = dt.datetime(2025, 11, 7, 0, 30, tzinfo=dt.timezone(dt.timedelta(hours=1)))
+    assert fd.yesterday(berlin_just_after_midnight).label == "20251105T00-20251105T23"
+
+
+@pytest.mark.parametrize(
+    "text, last_hour, expected",
+    [
+        ("2025-11-01", False, "20251101T00"),
+        ("2025-11-01", True, "20251101T23"),
+        ("20251101T05", False, "20251101T05"),
+        ("20251101T05", True, "20251101T05"),
+        ("2024-02-29", True, "20240229T23"),
+    ],
+)
+def test_parse_hour(text, last_hour, expected):
+    assert fd.format_hour(fd.parse_hour(text, "--start", last_hour)) == expected
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("2025-02-30", "no such date or hour"),
+        ("2023-02-29", "no such date or hour"),
+        ("20251101T24", "no such date or hour"),
+        ("2025-13-01", "no such date or hour"),
+        ("yesterday", "expected YYYY-MM-DD or YYYYMMDDTHH"),
+        ("2025-11-1", "expected YYYY-MM-DD or YYYYMMDDTHH"),
+        ("20251101", "expected YYYY-MM-DD or YYYYMMDDTHH"),
+    ],
+)
+def test_parse_hour_refuses_impossible_input(text, message):
+    with pytest.raises(fd.UsageError, match=message):
+        fd.parse_hour(text, "--date", False)
+
+
+@pytest.mark.parametrize(
+    "start, end, hours, expected",
+    [
+        ("20251101T00", "20251103T23", 24, ["20251101T00-20251101T23", "20251102T00-20251102T23", "20251103T00-20251103T23"]),
+        ("20250227T00", "20250301T23", 24, ["20250227T00-20250227T23", "20250228T00-20250228T23", "20250301T00-20250301T23"]),
+        ("20240228T00", "20240301T23", 48, ["20240228T00-20240229T23", "20240301T00-20240301T23"]),
+        ("20251031T22", "20251101T03", 4, ["20251031T22-20251101T01", "20251101T02-20251101T03"]),
+        ("20251231T23", "20260101T00", 1, ["20251231T23-20251231T23", "20260101T00-20260101T00"]),
+        ("20251101T05", "20251101T05", 24, ["20251101T05-20251101T05"]),
+    ],
+)
+def test_plan_windows_covers_every_hour_once(start, end, hours, expected):
+    windows = fd.plan_windows(hour(start), hour(end), hours)
+    assert [w.label for w in windows] == expected
+    every_hour = [h for w in windows for h in fd.hours_between(w.start, w.end)]
+    assert every_hour == list(fd.hours_between(hour(start), hour(end)))
+
+
+@pytest.mark.parametrize(
+    "window, first, second",
+    [
+        ("20251101T00-20251101T23", "20251101T00-20251101T11", "20251101T12-20251101T23"),
+        ("20251101T00-20251101T02", "20251101T00-20251101T00", "20251101T01-20251101T02"),
+        ("20240229T22-20240301T01", "20240229T22-20240229T23", "20240301T00-20240301T01"),
+        ("20251101T05-20251101T06", "20251101T05-20251101T05", "20251101T06-20251101T06"),
+    ],
+)
+def test_halves_split_a_window_without_gap_or_overlap(window, first, second):
+    start, end = window.split("-")
+    halves = fd.Window(hour(start), hour(end)).halves()
+    assert [h.label for h in halves] == [first, second]
+
+
+def test_plan_missing_keeps_only_uncovered_hours():
+    windows = fd.plan_windows(hour("20251101T00"), hour("20251102T23"), 24)
+    covered = set(fd.hours_between(hour("20251101T00"), hour("20251101T23")))
+    covered |= set(fd.hours_between(hour("20251102T05"), hour("20251102T09")))
+    missing = fd.plan_missing(windows, covered)
+    assert [w.label for w in missing] == ["20251102T00-20251102T04", "20251102T10-20251102T23"]
+    assert fd.plan_missing(windows, set()) == windows
+
+
+def test_members_sort_by_hour_then_part_not_by_string():
+    names = [
+        "187/187_2025-11-01_10#0.json.gz",
+        "187/187_2025-11-01_2#1.json.gz",
+        "187/187_2025-11-01_2#0.json.gz",
+        "187/187_2025-10-31_23#0.json.gz",
+        "187/187_2025-11-01_2#10.json.gz",
+        "187/187_2025-11-01_9#0.json.gz",
+        "readme.txt",
+    ]
+    assert sorted(names, key=fd.member_order_key) == [
+        "187/187_2025-10-31_23#0.json.gz",
+        "187/187_2025-11-01_2#0.json.gz",
+        "187/187_2025-11-01_2#1.json.gz",
+        "187/187_2025-11-01_2#10.json.gz",
+        "187/187_2025-11-01_9#0.json.gz",
+        "187/187_2025-11-01_10#0.json.gz",
+        "readme.txt",
+    ]
+
+
+def settings_for(argv, env=None, now="2025-11-07 00:43"):
+    env = {"AMP_API_KEY": "k", "AMP_SECRET_KEY": "s", **(env or {})}
+    moment = dt.datetime.strptime(now, "%Y-%m-%d %H:%M").replace(tzinfo=UTC)
+    return fd.parse_settings(argv, env, moment)
+
+
+def test_output_names_start_with_the_seeds_name_then_add_the_window_then_a_counter():
+    settings = settings_for([])
+    window = settings.windows[0]
+    names = fd.output_names(settings, window, several=False)
+    assert [next(names) for _ in range(4)] == [
+        "20251107_0043_ampl_dump.json",
+        "20251107_0043_ampl_dump_20251106T00-20251106T23.json",
+        "20251107_0043_ampl_dump_20251106T00-20251106T23_2.json",
+        "20251107_0043_ampl_dump_20251106T00-20251106T23_3.json",
+    ]
+    several = fd.output_names(settings_for(["--format", "jsonl", "--gzip"]), window, several=True)
+    assert next(several) == "20251107_0043_ampl_dump_20251106T00-20251106T23.jsonl.gz"
+
+
+def test_default_settings_are_the_seeds():
+    settings = settings_for([])
+    assert settings.base_url == "https://analytics.eu.amplitude.com"
+    assert [w.label for w in settings.windows] == ["20251106T00-20251106T23"]
+    assert (settings.max_attempts, settings.delay_seconds) == (5, 1)
+    assert (settings.data_dir, settings.log_dir, settings.data_outfile) == (Path("data"), Path("logs"), "ampl_dump")
+    assert settings.log_level == logging.INFO
+    assert (settings.file_format, settings.gzip, settings.workers, settings.window_hours) == ("json", False, 1, 24)
+
+
+def test_secrets_stay_out_of_the_settings_repr():
+    text = repr(settings_for([], {"AMP_API_KEY": "key-visible?", "AMP_SECRET_KEY": "secret-visible?"}))
+    assert "visible?" not in text
+
+
+@pytest.mark.parametrize(
+    "argv, env, expected",
+    [
+        (["--region", "us"], {}, "https://amplitude.com"),
+        ([], {"AMP_REGION": "US"}, "https://amplitude.com"),
+        (["--base-url", "http://127.0.0.1:9/"], {"AMP_REGION": "us"}, "http://127.0.0.1:9"),
+        ([], {"AMP_BASE_URL": "https://proxy.example/amp"}, "https://proxy.example/amp"),
+    ],
+)
+def test_base_url_from_region_or_override(argv, env, expected):
+    assert settings_for(argv, env).base_url == expected
+
+
+def test_a_flag_wins_over_its_environment_variable():
+    settings = settings_for(["--max-attempts", "3", "--workers", "4"], {"AMP_MAX_ATTEMPTS": "9", "AMP_WORKERS": "2"})
+    assert (settings.max_attempts, settings.workers) == (3, 4)
+
+
+@pytest.mark.parametrize(
+    "argv, env, message",
+    [
+        ([], {"AMP_API_KEY": ""}, "AMP_API_KEY not set"),
+        ([], {"AMP_API_KEY": "", "AMP_SECRET_KEY": " "}, "AMP_API_KEY and AMP_SECRET_KEY not set"),
+        (["--date", "2025-11-07"], {}, "has not ended yet"),
+        (["--date", "2025-02-29"], {}, "no such date"),
+        (["--date", "2025-11-01", "--start", "2025-11-01"], {}, "cannot be combined"),
+        (["--start", "2025-11-01"], {}, "go together"),
+        (["--start", "2025-11-03", "--end", "2025-11-01"], {}, "is before --start"),
+        (["--start", "2025-11-01", "--end", "20251107T00"], {}, "last finished hour is 20251106T23"),
+        (["--max-attempts", "0"], {}, "--max-attempts: must be between 1 and 100"),
+        ([], {"AMP_MAX_ATTEMPTS": "five"}, "AMP_MAX_ATTEMPTS: expected a whole number"),
+        (["--delay-seconds", "-1"], {}, "--delay-seconds: must be between"),
+        (["--workers", "6"], {}, "--workers: must be between 1 and 5"),
+        (["--window-hours", "0"], {}, "--window-hours: must be between 1 and 8760"),
+        (["--format", "csv"], {}, "--format: must be one of json, jsonl"),
+        (["--region", "asia"], {}, "--region: must be one of eu, us"),
+        (["--base-url", "ftp://x"], {}, "expected an http"),
+        (["--base-url", "https://user:pw@host"], {}, "without credentials"),
+        (["--log-level", "LOUD"], {}, "--log-level: must be one of"),
+        (["--data-outfile", "../x"], {}, "--data-outfile: use letters"),
+        (["--bogus"], {}, "unrecognized arguments: --bogus"),
+    ],
+)
+def test_bad_settings_are_refused_with_a_clear_message(argv, env, message):
+    with pytest.raises(fd.UsageError, match=message):
+        settings_for(argv, env)
+
+
+def test_the_end_may_be_the_last_finished_hour():
+    settings = settings_for(["--start", "20251106T20", "--end", "20251107T00"], now="2025-11-07 01:00")
+    assert [w.label for w in settings.windows] == ["20251106T20-20251107T00"]
+
+
+@pytest.mark.parametrize(
+    "status, headers, delay, expected",
+    [
+        (503, {}, 1, ("Retryable", 1)),
+        (500, {}, 0.5, ("Retryable", 0.5)),
+        (429, {}, 1, ("Retryable", 2)),
+        (429, {"Retry-After": "7"}, 1, ("Retryable", 7)),
+        (429, {"Retry-After": "1"}, 1, ("Retryable", 2)),
+        (429, {"Retry-After": "3600"}, 1, ("Retryable", 60)),
+        (429, {"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}, 1, ("Retryable", 2)),
+        (400, {}, 1, ("TooLarge", None)),
+        (401, {}, 1, ("ExportError", None)),
+        (403, {}, 1, ("ExportError", None)),
+        (418, {}, 1, ("ExportError", None)),
+    ],
+)
+def test_classify_decides_retry_split_or_fail(status, headers, delay, expected):
+    with pytest.raises(Exception) as caught:
+        fd.classify(status, headers, "", delay)
+    assert type(caught.value).__name__ == expected[0]
+    assert getattr(caught.value, "wait", None) == expected[1]
+
+
+@pytest.mark.parametrize("status, expected", [(200, "ok"), (404, "empty")])
+def test_classify_success_and_empty(status, expected):
+    assert fd.classify(status, {}, "", 1) == expected
