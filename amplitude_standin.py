@@ -78,6 +78,7 @@ class StandIn:
         self.archive_path = archive_path
         self.seed = seed
         self.faults: deque[Fault] = deque()
+        self._members: dict = {}
         self.requests: list[dict] = []
         self._lock = threading.Lock()
         self._server = None
@@ -136,13 +137,17 @@ class StandIn:
 
     def members(self, start: dt.datetime, end: dt.datetime) -> list[tuple[str, bytes]]:
         """(name, gzipped JSON lines) for every non-empty part, in the scrambled order a zip may list them."""
-        members = []
-        for hour in hours(start, end):
-            for part in range(self.parts_per_hour):
-                lines = self.events(hour, part)
-                if lines:
-                    members.append((member_name(hour, part), gzip.compress(b"\n".join(lines) + b"\n", 6, mtime=0)))
-        return sorted(members, key=lambda member: member[0], reverse=True)
+        members = [self.member(hour, part) for hour in hours(start, end) for part in range(self.parts_per_hour)]
+        return sorted((m for m in members if m), key=lambda member: member[0], reverse=True)
+
+    def member(self, hour: dt.datetime, part: int):
+        """One hour's part, compressed once and kept: a backfill asks for the same hours again."""
+        key = (hour, part, self.events_per_part, hour in self.empty_hours)
+        if key not in self._members:
+            lines = self.events(hour, part)
+            packed = gzip.compress(b"\n".join(lines) + b"\n", 6, mtime=0) if lines else None
+            self._members[key] = (member_name(hour, part), packed) if lines else None
+        return self._members[key]
 
 
 def make_handler(standin: StandIn):

@@ -388,10 +388,9 @@ def run(settings: Settings) -> int:
 def export_windows(windows: list[Window], settings: Settings, save) -> tuple[list[dict], list[tuple[Window, str]]]:
     """Download windows on `workers` threads; put each in place in window order so runs are reproducible."""
     saved, failures = [], []
-    progress = open_progress(len(windows))
     pending: deque = deque()
     queue = iter(windows)
-    with ThreadPoolExecutor(settings.workers, thread_name_prefix="window") as pool:
+    with progress_bar(len(windows)) as progress, ThreadPoolExecutor(settings.workers, thread_name_prefix="window") as pool:
         try:
             for window in itertools.islice(queue, 2 * settings.workers):
                 pending.append((window, pool.submit(export_window, window, settings)))
@@ -414,7 +413,6 @@ def export_windows(windows: list[Window], settings: Settings, save) -> tuple[lis
             pool.shutdown(wait=True)
             for _, future in pending:
                 discard_unsaved(future)
-            progress.close()
     return saved, failures
 
 
@@ -834,20 +832,22 @@ def log_summary(settings: Settings, saved: list[dict], failures, seconds: float)
         log.error("Failed window %s: %s (the next run exports it again)", window, reason)
 
 
-def open_progress(total: int):
-    """A progress bar when a person watches stderr; log lines only in cron."""
+@contextlib.contextmanager
+def progress_bar(total: int):
+    """A bar of windows and bytes when a person watches stderr; log lines only in cron."""
     if not sys.stderr.isatty():
-        return NoProgress()
+        yield NoProgress()
+        return
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
-    return BarProgress(tqdm(total=total, unit="window", file=sys.stderr))
+    # Log lines go through the bar's writer, so they scroll above it instead of tearing it.
+    with logging_redirect_tqdm(), tqdm(total=total, unit="window", file=sys.stderr, dynamic_ncols=True) as bar:
+        yield BarProgress(bar)
 
 
 class NoProgress:
     def advance(self, size: int) -> None:
-        pass
-
-    def close(self) -> None:
         pass
 
 
@@ -858,11 +858,8 @@ class BarProgress:
 
     def advance(self, size: int) -> None:
         self.size += size
-        self.bar.set_postfix_str(f"{self.size / 1e6:.1f} MB")
+        self.bar.set_postfix_str(f"{self.size / 1e6:.1f} MB", refresh=False)
         self.bar.update(1)
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 def ensure_folder(path: Path) -> Path:

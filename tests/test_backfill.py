@@ -1,0 +1,272 @@
+"""Ranges end to end: windows, manifest, resume, refetch, splitting, failures, workers, the lock, crashes, formats."""
+
+import datetime as dt
+import fcntl
+import gzip
+import hashlib
+import json
+import os
+import pty
+import signal
+import struct
+import subprocess
+import termios
+import time
+
+import pytest
+
+import fetch_data as fd
+from tests.conftest import as_array, as_jsonl, hour
+
+RANGE = ("--start", "2025-11-01", "--end", "2025-11-03")
+DAYS = ["20251101", "20251102", "20251103"]
+
+
+def day_lines(standin, day):
+    return standin.expected_lines(hour(f"{day}T00"), hour(f"{day}T23"))
+
+
+def assert_range_exported_once(cli, standin, days=DAYS):
+    """Every day of the range in exactly one recorded file, byte for byte, and the manifest true to the files."""
+    latest = {(r["start"], r["end"]): r for r in cli.manifest()}
+    records = [r for r in latest.values() if (cli.data / r["file"]).exists()]
+    assert sorted((r["start"], r["end"]) for r in records) == [(f"{d}T00", f"{d}T23") for d in days]
+    for record in records:
+        content = (cli.data / record["file"]).read_bytes()
+        assert content == as_array(day_lines(standin, record["start"][:8]))
+        assert record["bytes"] == len(content)
+        assert record["sha256"] == hashlib.sha256(content).hexdigest()
+        assert record["events"] == len(json.loads(content))
+    assert len(cli.outputs()) == len(records)
+    assert cli.leftovers() == []
+
+
+def test_a_range_is_one_file_per_day_with_a_manifest(cli, standin):
+    result = cli.run(*RANGE)
+    assert result.returncode == 0, result.stderr
+    names = [p.name for p in cli.outputs()]
+    assert [n[14:] for n in names] == [f"ampl_dump_{d}T00-{d}T23.json" for d in DAYS]
+    assert_range_exported_once(cli, standin)
+    record = cli.manifest()[0]
+    assert set(record) == {"start", "end", "file", "events", "bytes", "sha256", "finished_at"}
+    assert dt.datetime.strptime(record["finished_at"], "%Y-%m-%dT%H:%M:%SZ")
+    assert [(r["start"], r["end"]) for r in standin.requests] == [(f"{d}T00", f"{d}T23") for d in DAYS]
+
+
+def test_hours_and_window_hours(cli, standin):
+    result = cli.run("--start", "20251101T20", "--end", "20251102T03", "--window-hours", "3")
+    assert result.returncode == 0, result.stderr
+    spans = [(r["start"], r["end"]) for r in cli.manifest()]
+    assert spans == [("20251101T20", "20251101T22"), ("20251101T23", "20251102T01"), ("20251102T02", "20251102T03")]
+    for record in cli.manifest():
+        expected = standin.expected_lines(hour(record["start"]), hour(record["end"]))
+        assert (cli.data / record["file"]).read_bytes() == as_array(expected)
+
+
+def test_a_rerun_skips_what_is_exported_without_a_request(cli, standin):
+    assert cli.run(*RANGE).returncode == 0
+    files_before = {p.name: p.read_bytes() for p in cli.outputs()}
+    standin.requests.clear()
+    result = cli.run(*RANGE)
+    assert result.returncode == 0, result.stderr
+    assert standin.requests == []
+    assert "Skipping 72 hour(s) already exported" in result.stderr
+    assert {p.name: p.read_bytes() for p in cli.outputs()} == files_before
+    assert len(cli.manifest()) == 3
+
+
+def test_a_missing_or_damaged_file_is_exported_again(cli, standin):
+    assert cli.run(*RANGE).returncode == 0
+    first, second, _ = cli.outputs()
+    first.unlink()
+    with open(second, "ab") as damaged:
+        damaged.write(b"garbage")
+    standin.requests.clear()
+    result = cli.run(*RANGE)
+    assert result.returncode == 0, result.stderr
+    assert [(r["start"], r["end"]) for r in standin.requests] == [("20251101T00", "20251101T23"), ("20251102T00", "20251102T23")]
+    second.unlink()
+    assert_range_exported_once(cli, standin)
+
+
+def test_refetch_exports_again_without_overwriting(cli, standin):
+    assert cli.run(*RANGE).returncode == 0
+    before = {p.name: p.read_bytes() for p in cli.outputs()}
+    result = cli.run(*RANGE, "--refetch")
+    assert result.returncode == 0, result.stderr
+    after = {p.name: p.read_bytes() for p in cli.outputs()}
+    assert len(after) == 6 and all(after[name] == content for name, content in before.items())
+    assert len(standin.requests) == 6 and len(cli.manifest()) == 6
+
+
+def test_a_window_too_large_is_split_down_to_what_amplitude_accepts(cli, standin):
+    standin.too_large_over_hours = 5
+    result = cli.run("--date", "2025-11-01")
+    assert result.returncode == 0, result.stderr
+    asked = [(r["start"], r["end"]) for r in standin.requests]
+    assert asked[:3] == [("20251101T00", "20251101T23"), ("20251101T00", "20251101T11"), ("20251101T00", "20251101T05")]
+    served = [span for span in asked if int(span[1][-2:]) - int(span[0][-2:]) < 5]
+    assert served == [(f"20251101T{h:02d}", f"20251101T{h + 2:02d}") for h in range(0, 24, 3)]
+    assert_range_exported_once(cli, standin, days=["20251101"])
+    assert "splitting into 20251101T00-20251101T11 and 20251101T12-20251101T23" in result.stderr
+
+
+def test_a_window_that_keeps_timing_out_is_split(cli, standin):
+    standin.timeout_over_hours = 12
+    result = cli.run("--date", "2025-11-01")
+    assert result.returncode == 0, result.stderr
+    asked = [(r["start"], r["end"]) for r in standin.requests]
+    assert asked == [("20251101T00", "20251101T23")] * 5 + [("20251101T00", "20251101T11"), ("20251101T12", "20251101T23")]
+    assert "still timing out (504) after 5 attempts" in result.stderr
+    assert_range_exported_once(cli, standin, days=["20251101"])
+
+
+def test_a_damaged_half_is_rolled_back_and_fetched_again(cli, standin):
+    standin.too_large_over_hours = 12
+    standin.add_fault("corrupt_crc", start="20251101T12", end="20251101T23")
+    result = cli.run("--date", "2025-11-01", "--gzip")
+    assert result.returncode == 0, result.stderr
+    content = gzip.decompress(cli.outputs()[0].read_bytes())
+    assert content == as_array(day_lines(standin, "20251101"))
+
+
+def test_a_failing_window_does_not_stop_the_others_and_the_next_run_finishes(cli, standin):
+    standin.add_fault(500, start="20251102T00", end="20251102T23", times=5)
+    result = cli.run(*RANGE)
+    assert result.returncode == 1
+    assert "Failed window 20251102T00-20251102T23: Max fetch attempts reached" in result.stderr
+    assert "2 window(s) exported" in result.stderr and "1 failed" in result.stderr
+    assert [r["start"] for r in cli.manifest()] == ["20251101T00", "20251103T00"]
+    standin.requests.clear()
+    result = cli.run(*RANGE)
+    assert result.returncode == 0, result.stderr
+    assert [(r["start"], r["end"]) for r in standin.requests] == [("20251102T00", "20251102T23")]
+    assert_range_exported_once(cli, standin)
+
+
+def comparable(cli):
+    return [
+        ({k: v for k, v in r.items() if k not in ("file", "finished_at")}, r["file"][14:], (cli.data / r["file"]).read_bytes())
+        for r in cli.manifest()
+    ]
+
+
+def test_workers_give_the_same_files_and_manifest(cli, standin, tmp_path):
+    days = ("--start", "2025-10-27", "--end", "2025-11-03")
+    standin.add_fault(503, start="20251027T00", end="20251027T23", times=2)
+    assert cli.run(*days, "--workers", "4").returncode == 0
+    parallel = comparable(cli)
+    cli.data = tmp_path / "serial"
+    assert cli.run(*days, "--data-dir", str(cli.data)).returncode == 0
+    assert parallel == comparable(cli)
+    assert [r[0]["start"][:8] for r in parallel] == [f"202510{d}" for d in range(27, 32)] + DAYS
+
+
+def test_one_run_at_a_time_per_data_folder(cli, standin):
+    standin.add_fault("stall", seconds=4)
+    first = cli.start("--date", "2025-11-01", "--read-timeout", "30")
+    wait_for(lambda: standin.requests)
+    began = time.monotonic()
+    second = cli.run("--date", "2025-11-02")
+    assert second.returncode == 1
+    assert "another export is running in data" in second.stderr
+    assert time.monotonic() - began < 10
+    first.communicate(timeout=60)
+    assert first.returncode == 0
+    assert [r["start"] for r in cli.manifest()] == ["20251101T00"]
+
+
+def test_a_killed_run_leaves_nothing_half_done_and_the_next_run_completes(cli, standin):
+    standin.add_fault("stall", start="20251102T00", end="20251102T23", seconds=30)
+    victim = cli.start(*RANGE, "--read-timeout", "60")
+    wait_for(lambda: len(standin.requests) >= 2)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.communicate()
+    assert [r["start"] for r in cli.manifest()] == ["20251101T00"]
+    result = cli.run(*RANGE)
+    assert result.returncode == 0, result.stderr
+    assert_range_exported_once(cli, standin)
+
+
+@pytest.mark.parametrize("delay", [0.2, 0.4, 0.6])
+def test_kill_at_any_moment_then_resume(cli, standin, delay):
+    standin.events_per_part = 150
+    victim = cli.start(*RANGE, "--workers", "2")
+    time.sleep(delay)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.communicate()
+    for record in cli.manifest():
+        assert (cli.data / record["file"]).stat().st_size == record["bytes"]
+    for output in cli.outputs():
+        assert json.loads(output.read_bytes())
+    result = cli.run(*RANGE)
+    assert result.returncode == 0, result.stderr
+    assert_range_exported_once(cli, standin)
+
+
+def test_a_manifest_line_torn_by_a_crash_is_repaired(cli, standin):
+    assert cli.run("--date", "2025-11-01").returncode == 0
+    with open(cli.data / "manifest.jsonl", "a") as manifest:
+        manifest.write('{"start":"20251102T00","end":"2025')
+    result = cli.run(*RANGE)
+    assert result.returncode == 0, result.stderr
+    assert "incomplete last line" in result.stderr
+    assert_range_exported_once(cli, standin)
+
+
+@pytest.mark.parametrize(
+    "flags, suffix, layout, packed",
+    [
+        ((), ".json", as_array, False),
+        (("--format", "jsonl"), ".jsonl", as_jsonl, False),
+        (("--gzip",), ".json.gz", as_array, True),
+        (("--format", "jsonl", "--gzip"), ".jsonl.gz", as_jsonl, True),
+    ],
+)
+def test_formats(cli, standin, flags, suffix, layout, packed):
+    result = cli.run(*RANGE, *flags)
+    assert result.returncode == 0, result.stderr
+    for day, output in zip(DAYS, cli.outputs(), strict=True):
+        assert output.name.endswith(f"_{day}T00-{day}T23{suffix}")
+        content = output.read_bytes()
+        assert (gzip.decompress(content) if packed else content) == layout(day_lines(standin, day))
+
+
+def test_a_window_that_ended_less_than_2_hours_ago_is_flagged(cli, standin):
+    last = fd.last_finished_hour(dt.datetime.now(dt.UTC))
+    result = cli.run("--start", fd.format_hour(last - 3 * fd.HOUR), "--end", fd.format_hour(last))
+    assert result.returncode == 0, result.stderr
+    assert "WARNING" in result.stderr and "may be incomplete" in result.stderr
+
+
+def test_an_old_window_is_not_flagged(cli, standin):
+    result = cli.run("--date", "2025-11-01")
+    assert "may be incomplete" not in result.stderr
+
+
+def test_a_terminal_gets_a_progress_bar_and_cron_does_not(cli, standin):
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
+    process = subprocess.Popen(cli.command(*RANGE), cwd=cli.workdir, env=cli.env(), stdout=subprocess.DEVNULL,
+                               stderr=follower, stdin=subprocess.DEVNULL)
+    os.close(follower)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    process.wait(timeout=60)
+    assert b"3/3" in seen and b"window" in seen
+    cron = cli.run(*RANGE, "--refetch")
+    assert "3/3" not in cron.stderr
+
+
+def wait_for(condition, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
