@@ -318,12 +318,14 @@ def make_event(hour: dt.datetime, part: int, index: int, rng: random.Random) -> 
         "event_properties": {
             "path": f"/produkte/{rng.randrange(1000)}",
             "price": round(rng.uniform(1, 500), 2),
-            "order_id": 10**20 + rng.getrandbits(64),
+            "order_id": 2**62 + rng.getrandbits(60),
             "note": rng.choice(("grüße", "naïve café", "emoji 🚀", "quote \" and \\ backslash", "")),
         },
         "user_properties": {"plan": rng.choice(("free", "pro", "enterprise")), "cohort": rng.randrange(52)},
         "groups": {},
         "data": {"path": "/2/httpapi", "group_first_event": {}},
     }
+    if index % 1000 == 1:  # now and then an integer beyond 64 bits, which some JSON parsers refuse
+        event["event_properties"]["ledger_id"] = 10**25 + rng.getrandbits(64)
     line = json.dumps(event, ensure_ascii=bool(index % 2), separators=(", ", ": ") if part % 2 else (",", ":"))
     return line.encode("utf-8")

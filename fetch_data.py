@@ -30,7 +30,7 @@ from pathlib import Path
 import requests
 import simdjson
 from dotenv import load_dotenv
-from isal import igzip, isal_zlib
+from isal import igzip_threaded, isal_zlib
 
 from logging_config import setup_logging
 
@@ -547,7 +547,7 @@ def unzip(zip_path: Path):
         with zipfile.ZipFile(zip_path) as archive:
             members = sorted((m for m in archive.infolist() if not m.is_dir()), key=lambda m: member_order_key(m.filename))
             for member in members:
-                with archive.open(member) as raw, igzip.GzipFile(fileobj=raw) as events:
+                with archive.open(member) as raw, igzip_threaded.open(raw, "rb", threads=1) as events:
                     yield from read_lines(events, member.filename)
     except CORRUPT_ARCHIVE_ERRORS as exc:
         raise CorruptArchive(f"{type(exc).__name__}: {exc}") from None

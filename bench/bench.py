@@ -1,0 +1,180 @@
+"""Benchmark: fetch_data.py against the floor (curl, then unzip -p | gzip -dc) and the seed's in-memory approach.
+
+    .venv/bin/python bench/bench.py                      # 250 MB and 1 GB of events, 3 rounds
+    .venv/bin/python bench/bench.py --sizes 250 --rounds 5 --variants json
+
+Builds a realistic archive per size (cached in bench/work/), serves it from the stand-in on 127.0.0.1, then runs
+every command once per round, alternating, and prints medians of wall time and peak RSS (from wait4) with ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gzip
+import itertools
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from amplitude_standin import StandIn, make_event, member_name  # noqa: E402
+
+WORK = ROOT / "bench" / "work"
+DAY = "2025-11-01"
+START, END = "20251101T00", "20251101T23"
+PARTS_PER_HOUR = 2
+POOL_SIZE = 20_000
+VARIANTS = {"json": [], "jsonl": ["--format", "jsonl"], "gzip": ["--gzip"]}
+
+
+def main() -> int:
+    args = parse_args()
+    WORK.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for size_mb in args.sizes:
+        archive, events = ensure_archive(size_mb)
+        with StandIn("bench", "bench", archive_path=archive) as standin:
+            rows += measure_size(size_mb, events, standin.base_url, args)
+    print_table(rows)
+    return 0
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[250, 1000], help="MB of events")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS), help="json,jsonl,gzip")
+    parser.add_argument("--no-seed", action="store_true", help="skip the seed's in-memory reference")
+    return parser.parse_args()
+
+
+def ensure_archive(size_mb: int) -> tuple[Path, int]:
+    """The benchmark's archive for size_mb, built once and cached in bench/work/."""
+    archive = WORK / f"export_{size_mb}mb.zip"
+    count_file = archive.with_suffix(".events")
+    if not (archive.exists() and count_file.exists()):
+        print(f"building {archive} ...", file=sys.stderr)
+        count_file.write_text(str(build_archive_file(archive, size_mb)))
+    return archive, int(count_file.read_text())
+
+
+def build_archive_file(archive: Path, size_mb: int, level: int = 6) -> int:
+    """About size_mb MB of realistic event lines for one day, 24 hours x 2 parts; returns the event count."""
+    rng = random.Random(size_mb)
+    first = dt.datetime.strptime(DAY, "%Y-%m-%d").replace(tzinfo=dt.UTC)
+    pool = [make_event(first, i % 2, i, rng) for i in range(POOL_SIZE)]
+    per_member = size_mb * 1_000_000 // (24 * PARTS_PER_HOUR)
+    events = 0
+    lines = itertools.cycle(pool)
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as out:
+        for hour, part in itertools.product(range(24), range(PARTS_PER_HOUR)):
+            chunk, size = [], 0
+            while size < per_member:
+                line = next(lines)
+                chunk.append(line)
+                size += len(line) + 1
+            events += len(chunk)
+            name = member_name(first + dt.timedelta(hours=hour), part)
+            out.writestr(name, gzip.compress(b"\n".join(chunk) + b"\n", level))
+    return events
+
+
+def measure_size(size_mb: int, events: int, base_url: str, args) -> list[dict]:
+    env = dict(os.environ, AMP_API_KEY="bench", AMP_SECRET_KEY="bench", AMP_BASE_URL=base_url)
+    url = f"{base_url}/api/2/export?start={START}&end={END}"
+    out = WORK / "out"
+    commands = {"floor": floor_command(url, out)}
+    for variant in args.variants:
+        commands[f"fetch_data {variant}"] = [
+            sys.executable, str(ROOT / "fetch_data.py"), "--date", DAY, "--data-dir", str(out / variant),
+            "--log-dir", str(out / "logs"), "--refetch", *VARIANTS[variant],
+        ]
+    if not args.no_seed:
+        commands["seed approach"] = [
+            sys.executable, str(ROOT / "bench" / "seed_reference.py"), base_url + "/api/2/export", START, END,
+            str(out / "seed.json"),
+        ]
+    results = {name: [] for name in commands}
+    for round_number in range(args.rounds):
+        for name, command in commands.items():
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True)
+            results[name].append(run_measured(command, env))
+            check_output(name, out, events)
+            print(f"{size_mb} MB round {round_number + 1}: {name}: {results[name][-1]}", file=sys.stderr)
+    shutil.rmtree(out, ignore_errors=True)
+    floor = median_of(results["floor"])
+    seed = median_of(results["seed approach"]) if "seed approach" in results else None
+    rows = []
+    for name, samples in results.items():
+        wall, rss = median_of(samples)
+        rows.append({
+            "size": f"{size_mb} MB", "command": name, "wall": wall, "rss": rss,
+            "vs_floor": wall / floor[0], "vs_seed": wall / seed[0] if seed else None,
+        })
+    return rows
+
+
+def floor_command(url: str, out: Path) -> list[str]:
+    script = (
+        f'curl -sfS -u bench:bench -o "{out}/floor.zip" "{url}" && '
+        f'unzip -p "{out}/floor.zip" | gzip -dc > "{out}/floor.jsonl"'
+    )
+    return ["bash", "-o", "pipefail", "-c", script]
+
+
+# A small launcher starts each command: a child started straight from this process (which holds the stand-in
+# and the archive builder's memory) would report this process's RSS as its own peak.
+LAUNCHER = """
+import os, subprocess, sys, time
+began = time.perf_counter()
+child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+_, status, usage = os.wait4(child.pid, 0)
+print(time.perf_counter() - began, usage.ru_maxrss, status)
+"""
+
+
+def run_measured(command: list[str], env: dict) -> tuple[float, float]:
+    """Wall seconds and peak RSS in MB (wait4's ru_maxrss: the command and the children it waited for)."""
+    launched = subprocess.run([sys.executable, "-c", LAUNCHER, *command], env=env, capture_output=True, text=True)
+    wall, max_rss_kb, status = launched.stdout.split()
+    if int(status) != 0:
+        raise SystemExit(f"{command[:3]} failed: {launched.stderr[-2000:]}")
+    return round(float(wall), 3), round(int(max_rss_kb) / 1024, 1)
+
+
+def check_output(name: str, out: Path, events: int) -> None:
+    """Each command must have produced every event, so no row is fast by skipping work."""
+    if name == "floor":
+        produced = (out / "floor.jsonl").read_bytes().count(b"\n")
+    elif name == "seed approach":
+        produced = events if (out / "seed.json").stat().st_size > 0 else 0
+    else:
+        manifest = next(out.glob("*/manifest.jsonl"))
+        produced = int(manifest.read_text().split('"events":')[1].split(",")[0])
+    if produced != events:
+        raise SystemExit(f"{name}: {produced} events, expected {events}")
+
+
+def median_of(samples: list[tuple[float, float]]) -> tuple[float, float]:
+    return statistics.median(s[0] for s in samples), statistics.median(s[1] for s in samples)
+
+
+def print_table(rows: list[dict]) -> None:
+    print("| size | command | wall s (median) | peak RSS MB (median) | wall / floor | wall / seed |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for row in rows:
+        vs_seed = f"{row['vs_seed']:.2f}" if row["vs_seed"] is not None else "-"
+        print(f"| {row['size']} | {row['command']} | {row['wall']:.2f} | {row['rss']:.0f} | {row['vs_floor']:.2f} | {vs_seed} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
