@@ -139,6 +139,7 @@ class Settings:
     refetch: bool
     demo: bool
     started: dt.datetime
+    upload: object = None  # azure_upload.Target when --upload
 
     @property
     def extension(self) -> str:
@@ -204,6 +205,7 @@ def parse_settings(argv: list[str] | None, env, now: dt.datetime) -> Settings:
         refetch=args.refetch,
         demo=demo,
         started=now,
+        upload=pick_upload(pick) if args.upload else None,
     )
 
 
@@ -236,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--gzip", action="store_true", help="gzip the output files (.json.gz / .jsonl.gz)")
     output.add_argument("--log-dir", help="log folder (env AMP_LOG_DIR, default logs)")
     output.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (env AMP_LOG_LEVEL, default INFO)")
+    upload = parser.add_argument_group("Azure Blob Storage (needs requirements-azure.txt)")
+    upload.add_argument("--upload", action="store_true", help="upload each finished file, and any still pending, to Azure")
+    upload.add_argument("--container", help="blob container (env AZURE_STORAGE_CONTAINER, default amplitude)")
+    upload.add_argument("--blob-prefix", help="blob name prefix (env AZURE_BLOB_PREFIX, default amplitude/events)")
     parser.add_argument("--demo", action="store_true", help="export from a local stand-in of the API: no credentials, no network")
     return parser
 
@@ -321,6 +327,22 @@ def pick_base_url(pick: SettingPicker) -> str:
     return base_url.rstrip("/")
 
 
+def pick_upload(pick: SettingPicker):
+    """The Azure target for --upload; the packages and the credentials' presence are checked before any export."""
+    import azure_upload
+
+    try:
+        azure_upload.ensure_installed()
+    except ImportError as exc:
+        raise UsageError(str(exc)) from None
+    container = pick.text("container", "AZURE_STORAGE_CONTAINER", "amplitude")
+    prefix = pick.text("blob_prefix", "AZURE_BLOB_PREFIX", "amplitude/events")
+    try:
+        return azure_upload.target_from(pick.env, container, prefix)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def pick_range(args: argparse.Namespace, now: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
     """The first and last hour to export: --date, --start/--end, or yesterday."""
     last_finished = last_finished_hour(now)
@@ -376,12 +398,21 @@ def run(settings: Settings) -> int:
             log.info("Skipping %d hour(s) already exported (manifest %s; --refetch exports them again)", skipped, manifest)
         warn_if_fresh(todo, settings.started)
         several = len(settings.windows) > 1 or todo != list(settings.windows)
+        uploads = Uploads(settings, manifest) if settings.upload else None
+        if uploads:
+            uploads.send_pending(records)
 
         def save(finished: Finished) -> dict:
-            return save_window(finished, settings, manifest, several)
+            record = save_window(finished, settings, manifest, several)
+            if uploads:
+                uploads.send(record)
+            return record
 
         saved, failures = export_windows(todo, settings, save)
     log_summary(settings, saved, failures, time.monotonic() - began)
+    if uploads and uploads.failure:
+        log.error("Upload failed: %s; the files stay here and the next --upload run sends them", uploads.failure)
+        return EXIT_FAILED
     return EXIT_FAILED if failures else EXIT_OK
 
 
@@ -723,6 +754,68 @@ def output_names(settings: Settings, window: Window, several: bool):
     yield f"{base}_{window.label}{settings.extension}"
     for counter in itertools.count(2):
         yield f"{base}_{window.label}_{counter}{settings.extension}"
+
+
+class Uploads:
+    """The upload stage: each finished file to Azure, recorded in the manifest; the first storage failure stops it."""
+
+    def __init__(self, settings: Settings, manifest: Path):
+        from azure_upload import Uploader
+
+        self.settings = settings
+        self.manifest = manifest
+        self.uploader = Uploader(settings.upload)
+        self.failure: str | None = None
+
+    def send_pending(self, records: list[dict]) -> None:
+        pending = pending_uploads(records, self.settings.data_dir)
+        if pending:
+            log.info("Uploading %d file(s) exported earlier and not yet uploaded", len(pending))
+        for record in pending:
+            self.send(record)
+
+    def send(self, record: dict) -> None:
+        from azure_upload import UploadError
+
+        if self.failure:
+            return
+        target = self.settings.upload
+        blob = target.blob_name(record["start"], record["file"])
+        metadata = {"window_start": record["start"], "window_end": record["end"], "events": str(record["events"]),
+                    "sha256": record["sha256"]}
+        try:
+            sent = self.uploader.send(
+                self.settings.data_dir / record["file"], blob, content_type_of(record["file"]),
+                record["file"].endswith(".gz"), metadata,
+            )
+        except UploadError as exc:
+            self.failure = str(exc)
+            return
+        append_manifest(self.manifest, {
+            "start": record["start"], "end": record["end"], "file": record["file"], "blob": blob,
+            "sha256": record["sha256"], "uploaded_at": now_utc().strftime("%Y-%m-%dT%H:%M:%SZ"),
+        })
+        verb = "Uploaded" if sent else "Already uploaded (same sha256)"
+        log.info("%s %s to %s/%s", verb, record["file"], target.container, blob)
+
+
+def pending_uploads(records: list[dict], data_dir: Path) -> list[dict]:
+    """Exported files still on disk with their recorded size whose bytes no manifest line records as uploaded."""
+    uploaded = {(r["file"], r.get("sha256")) for r in records if "blob" in r}
+    pending, seen = [], set()
+    for record in records:
+        key = (record.get("file"), record.get("sha256"))
+        if "bytes" not in record or "blob" in record or key in uploaded or key in seen:
+            continue
+        path = data_dir / str(record["file"])
+        if path.is_file() and path.stat().st_size == record["bytes"]:
+            pending.append(record)
+            seen.add(key)
+    return pending
+
+
+def content_type_of(file_name: str) -> str:
+    return "application/x-ndjson" if file_name.removesuffix(".gz").endswith(".jsonl") else "application/json"
 
 
 def manifest_record(finished: Finished, name: str, now: dt.datetime) -> dict:

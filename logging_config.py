@@ -26,4 +26,6 @@ def setup_logging(log_outpath="logs", log_level=logging.INFO, now=None):
     root.setLevel(log_level)
     # urllib3 logs full request lines at DEBUG; keep its chatter out of audit logs.
     logging.getLogger("urllib3").setLevel(max(log_level, logging.INFO))
+    # The Azure SDK logs every request and its headers at INFO: too much for an audit log.
+    logging.getLogger("azure").setLevel(max(log_level, logging.WARNING))
     return log_file

@@ -1,0 +1,188 @@
+"""Upload finished exports to Azure Blob Storage, for `fetch_data.py --upload`.
+
+Optional: the Azure SDK packages come from requirements-azure.txt and are imported only when --upload is used.
+Nothing here ever puts a key, a connection string or a SAS token into a message: errors name the account and the
+container, and describe the failure by its type and status, never by the SDK's text (which can carry the URL).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from urllib.parse import urlsplit
+
+REQUIREMENTS_FILE = "requirements-azure.txt"
+BLOCK_BYTES = 4 * 1024 * 1024  # blocks of this size are read from the file and sent one at a time: flat memory
+CONTAINER_NAME = re.compile(r"^(?=.{3,63}$)[a-z0-9](?:[a-z0-9]|-(?!-))*[a-z0-9]$")
+
+
+class UploadError(Exception):
+    """Storage unreachable or credentials rejected; the message names the account and the container only."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Where and how to upload: credentials as found in the environment, first found wins."""
+
+    container: str
+    prefix: str
+    account_url: str
+    connection_string: str | None = dataclasses.field(default=None, repr=False)
+    sas_token: str | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def method(self) -> str:
+        if self.connection_string:
+            return "connection string"
+        return "SAS token" if self.sas_token else "DefaultAzureCredential"
+
+    @property
+    def account(self) -> str:
+        """The account's name for messages: the first label of the host, or the first path part (Azurite)."""
+        parts = urlsplit(self.account_url)
+        host = parts.hostname or ""
+        if host.endswith(".core.windows.net"):
+            return host.split(".")[0]
+        return parts.path.strip("/").split("/")[0] or host
+
+    def blob_name(self, window_start: str, file_name: str) -> str:
+        """Hive-style partition by the window's first UTC day: <prefix>/date=YYYY-MM-DD/<file>."""
+        day = f"{window_start[0:4]}-{window_start[4:6]}-{window_start[6:8]}"
+        return "/".join(part for part in (self.prefix, f"date={day}", file_name) if part)
+
+
+def ensure_installed() -> None:
+    """Raise ImportError with the file to install when the Azure packages are missing."""
+    try:
+        import azure.identity  # noqa: F401
+        import azure.storage.blob  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            f"--upload needs the Azure packages: pip install -r {REQUIREMENTS_FILE}"
+        ) from None
+
+
+def target_from(env, container: str, prefix: str) -> Target:
+    """The upload target from AZURE_* variables; ValueError with a one-line reason when they do not add up."""
+    if not CONTAINER_NAME.match(container):
+        raise ValueError(
+            f"container name {container!r} is not valid in Azure: 3 to 63 lowercase letters, digits and single hyphens"
+        )
+    prefix = prefix.strip("/")
+    connection_string = env.get("AZURE_STORAGE_CONNECTION_STRING", "").strip()
+    account_url = env.get("AZURE_STORAGE_ACCOUNT_URL", "").strip().rstrip("/")
+    sas_token = env.get("AZURE_STORAGE_SAS_TOKEN", "").strip().lstrip("?")
+    if connection_string:
+        return Target(container, prefix, endpoint_of(connection_string), connection_string=connection_string)
+    if not account_url:
+        raise ValueError(
+            "--upload needs AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT_URL "
+            "(with AZURE_STORAGE_SAS_TOKEN, or alone for DefaultAzureCredential)"
+        )
+    if not re.fullmatch(r"https?://[^\s/?#@]+(/[^\s?#]*)?", account_url):
+        raise ValueError("AZURE_STORAGE_ACCOUNT_URL: expected https://<account>.blob.core.windows.net (no query, no token)")
+    return Target(container, prefix, account_url, sas_token=sas_token or None)
+
+
+def endpoint_of(connection_string: str) -> str:
+    fields = dict(part.split("=", 1) for part in connection_string.split(";") if "=" in part)
+    if fields.get("BlobEndpoint"):
+        return fields["BlobEndpoint"].rstrip("/")
+    if fields.get("AccountName"):
+        protocol = fields.get("DefaultEndpointsProtocol", "https")
+        suffix = fields.get("EndpointSuffix", "core.windows.net")
+        return f"{protocol}://{fields['AccountName']}.blob.{suffix}"
+    raise ValueError("AZURE_STORAGE_CONNECTION_STRING has neither AccountName nor BlobEndpoint")
+
+
+def build_credential(target: Target):
+    """What the SDK authenticates with: the SAS token, or DefaultAzureCredential (managed identity, az login, ...)."""
+    if target.sas_token:
+        return target.sas_token
+    from azure.identity import DefaultAzureCredential
+
+    return DefaultAzureCredential()
+
+
+def container_client(target: Target):
+    from azure.storage.blob import BlobServiceClient
+
+    options = {"max_single_put_size": BLOCK_BYTES, "max_block_size": BLOCK_BYTES, "retry_total": 3}
+    if target.connection_string:
+        service = BlobServiceClient.from_connection_string(target.connection_string, **options)
+    else:
+        service = BlobServiceClient(target.account_url, credential=build_credential(target), **options)
+    return service.get_container_client(target.container)
+
+
+class Uploader:
+    """Sends files to one container, skipping blobs that already hold the same bytes."""
+
+    def __init__(self, target: Target):
+        self.target = target
+        self._container = None
+
+    def send(self, path: Path, blob_name: str, content_type: str, gzip: bool, metadata: dict[str, str]) -> bool:
+        """Upload `path` unless the blob already has its sha256; True when bytes were sent."""
+        from azure.core.exceptions import AzureError
+        from azure.storage.blob import ContentSettings
+
+        try:
+            container = self._connect()
+            blob = container.get_blob_client(blob_name)
+            if self._stored_sha256(blob) == metadata["sha256"]:
+                return False
+            settings = ContentSettings(content_type=content_type, content_encoding="gzip" if gzip else None)
+            with open(path, "rb") as data:
+                blob.upload_blob(
+                    data, length=path.stat().st_size, overwrite=True, content_settings=settings, metadata=metadata,
+                    max_concurrency=1,
+                )
+            return True
+        except AzureError as exc:
+            raise UploadError(self._describe(exc)) from None
+
+    def _connect(self):
+        """The container client, creating the container where the credentials allow it."""
+        if self._container is None:
+            from azure.core.exceptions import HttpResponseError, ResourceExistsError
+
+            container = container_client(self.target)
+            try:
+                container.create_container()
+            except ResourceExistsError:
+                pass
+            except HttpResponseError as exc:
+                # A SAS scoped to one container may neither create nor inspect it: upload into it as it is.
+                if not (self.target.sas_token and exc.status_code == 403):
+                    raise
+            self._container = container
+        return self._container
+
+    @staticmethod
+    def _stored_sha256(blob) -> str | None:
+        from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
+
+        try:
+            return blob.get_blob_properties().metadata.get("sha256")
+        except ResourceNotFoundError:
+            return None
+        except HttpResponseError as exc:
+            if exc.status_code == 403:  # a write-only SAS cannot read properties: upload again
+                return None
+            raise
+
+    def _describe(self, exc) -> str:
+        from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ServiceRequestError
+
+        where = f"account {self.target.account}, container {self.target.container}"
+        status = getattr(exc, "status_code", None)
+        code = getattr(exc, "error_code", None) or ""
+        if isinstance(exc, ClientAuthenticationError) or status in (401, 403):
+            return f"Azure rejected the credentials ({self.target.method}) for {where} (HTTP {status} {code})".strip()
+        if isinstance(exc, ServiceRequestError):
+            return f"cannot reach Azure Blob Storage for {where} ({type(exc).__name__})"
+        if isinstance(exc, HttpResponseError):
+            return f"Azure answered HTTP {status} {code} for {where}"
+        return f"upload to {where} failed ({type(exc).__name__})"

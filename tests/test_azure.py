@@ -1,0 +1,261 @@
+"""--upload against a real Azurite (started by test.sh), plus unit tests of the parts Azurite cannot show."""
+
+import datetime as dt
+import json
+import os
+import socket
+import uuid
+
+import pytest
+
+import azure_upload
+from tests.conftest import API_KEY, SECRET_KEY, assert_no_secrets
+
+DAY = ("--date", "2025-11-01")
+
+
+@pytest.fixture(scope="session")
+def azurite():
+    names = ("AZURITE_BLOB_ENDPOINT", "AZURITE_ACCOUNT", "AZURITE_KEY")
+    if not all(os.environ.get(n) for n in names):
+        message = "Azurite is not running: run the tests with `bash test.sh`"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    endpoint, account, key = (os.environ[n] for n in names)
+    return {
+        "account": account,
+        "key": key,
+        "account_url": f"{endpoint}/{account}",
+        "connection_string": (
+            f"DefaultEndpointsProtocol=http;AccountName={account};AccountKey={key};BlobEndpoint={endpoint}/{account};"
+        ),
+    }
+
+
+@pytest.fixture
+def container_name():
+    return f"t-{uuid.uuid4().hex[:16]}"
+
+
+@pytest.fixture
+def service(azurite):
+    from azure.storage.blob import BlobServiceClient
+
+    return BlobServiceClient.from_connection_string(azurite["connection_string"])
+
+
+def upload_env(azurite, container_name, **extra):
+    env = {"AZURE_STORAGE_CONNECTION_STRING": azurite["connection_string"], "AZURE_STORAGE_CONTAINER": container_name}
+    env.update(extra)
+    return env
+
+
+def assert_nothing_secret(result, cli, *secrets):
+    assert_no_secrets(result, cli)
+    for text in (result.stdout, result.stderr, cli.everything_written()):
+        for secret in secrets:
+            assert secret not in text
+
+
+def test_upload_puts_each_file_under_a_date_partition_byte_for_byte(cli, azurite, container_name, service):
+    result = cli.run("--start", "2025-11-01", "--end", "2025-11-02", "--upload", **upload_env(azurite, container_name))
+    assert result.returncode == 0, result.stderr
+    container = service.get_container_client(container_name)
+    exports = [r for r in cli.manifest() if "bytes" in r]
+    uploads = [r for r in cli.manifest() if "blob" in r]
+    assert len(exports) == 2 and len(uploads) == 2
+    for export, upload in zip(exports, uploads, strict=True):
+        day = f"{export['start'][:4]}-{export['start'][4:6]}-{export['start'][6:8]}"
+        assert upload["blob"] == f"amplitude/events/date={day}/{export['file']}"
+        assert (upload["start"], upload["end"], upload["file"], upload["sha256"]) == (
+            export["start"], export["end"], export["file"], export["sha256"])
+        blob = container.get_blob_client(upload["blob"])
+        assert blob.download_blob().readall() == (cli.data / export["file"]).read_bytes()
+        properties = blob.get_blob_properties()
+        assert properties.content_settings.content_type == "application/json"
+        assert properties.content_settings.content_encoding is None
+        assert properties.metadata == {
+            "window_start": export["start"], "window_end": export["end"], "events": str(export["events"]),
+            "sha256": export["sha256"],
+        }
+    assert all((cli.data / r["file"]).exists() for r in exports)
+    assert_nothing_secret(result, cli, azurite["key"])
+
+
+def test_jsonl_gzip_content_settings_and_a_custom_prefix(cli, azurite, container_name, service):
+    result = cli.run(*DAY, "--upload", "--format", "jsonl", "--gzip", "--blob-prefix", "/raw/amp/",
+                     **upload_env(azurite, container_name))
+    assert result.returncode == 0, result.stderr
+    upload = [r for r in cli.manifest() if "blob" in r][0]
+    assert upload["blob"] == f"raw/amp/date=2025-11-01/{upload['file']}"
+    blob = service.get_container_client(container_name).get_blob_client(upload["blob"])
+    properties = blob.get_blob_properties()
+    assert properties.content_settings.content_type == "application/x-ndjson"
+    assert properties.content_settings.content_encoding == "gzip"
+    assert blob.download_blob(decompress=False).readall() == (cli.data / upload["file"]).read_bytes()
+
+
+def test_a_blob_that_already_holds_the_same_bytes_is_not_sent_again(cli, azurite, container_name, service):
+    env = upload_env(azurite, container_name)
+    assert cli.run(*DAY, "--upload", **env).returncode == 0
+    upload = [r for r in cli.manifest() if "blob" in r][0]
+    blob = service.get_container_client(container_name).get_blob_client(upload["blob"])
+    etag = blob.get_blob_properties().etag
+    manifest = cli.data / "manifest.jsonl"
+    manifest.write_text("".join(line + "\n" for line in manifest.read_text().splitlines() if '"blob"' not in line))
+    result = cli.run(*DAY, "--upload", **env)
+    assert result.returncode == 0, result.stderr
+    assert "Already uploaded (same sha256)" in result.stderr
+    assert blob.get_blob_properties().etag == etag
+    assert len([r for r in cli.manifest() if "blob" in r]) == 1
+    again = cli.run(*DAY, "--upload", **env)
+    assert "Uploading" not in again.stderr and "Already uploaded" not in again.stderr
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_storage_down_keeps_the_export_and_the_next_run_sends_it(cli, azurite, container_name, service, standin):
+    down = azurite["connection_string"].replace(
+        azurite["account_url"].rsplit("/", 1)[0], f"http://127.0.0.1:{closed_port()}")
+    result = cli.run(*DAY, "--upload", **upload_env(azurite, container_name, AZURE_STORAGE_CONNECTION_STRING=down))
+    assert result.returncode == 1
+    assert f"cannot reach Azure Blob Storage for account {azurite['account']}, container {container_name}" in result.stderr
+    assert "next --upload run sends them" in result.stderr
+    export = cli.manifest()[0]
+    assert (cli.data / export["file"]).stat().st_size == export["bytes"]
+    assert not any("blob" in r for r in cli.manifest())
+    assert_nothing_secret(result, cli, azurite["key"])
+    standin.requests.clear()
+    result = cli.run(*DAY, "--upload", **upload_env(azurite, container_name))
+    assert result.returncode == 0, result.stderr
+    assert standin.requests == []
+    assert "Uploading 1 file(s) exported earlier" in result.stderr
+    blob_name = [r for r in cli.manifest() if "blob" in r][0]["blob"]
+    blob = service.get_container_client(container_name).get_blob_client(blob_name)
+    assert blob.download_blob().readall() == (cli.data / export["file"]).read_bytes()
+
+
+def test_a_rejected_key_fails_naming_account_and_container_only(cli, azurite, container_name):
+    wrong_key = "d3Jvbmcta2V5LXdyb25nLWtleS13cm9uZy1rZXktd3Jvbmc="
+    wrong = azurite["connection_string"].replace(azurite["key"], wrong_key)
+    result = cli.run(*DAY, "--upload", **upload_env(azurite, container_name, AZURE_STORAGE_CONNECTION_STRING=wrong))
+    assert result.returncode == 1
+    assert (f"Azure rejected the credentials (connection string) for account {azurite['account']}, "
+            f"container {container_name}") in result.stderr
+    assert len(cli.outputs()) == 1
+    assert "Traceback" not in result.stderr
+    assert_nothing_secret(result, cli, wrong_key, azurite["key"])
+
+
+def test_a_container_sas_uploads_into_the_existing_container(cli, azurite, container_name, service):
+    from azure.storage.blob import ContainerSasPermissions, generate_container_sas
+
+    service.create_container(container_name)
+    sas = generate_container_sas(
+        azurite["account"], container_name, account_key=azurite["key"],
+        permission=ContainerSasPermissions(read=True, write=True, create=True),
+        expiry=dt.datetime.now(dt.UTC) + dt.timedelta(hours=1),
+    )
+    env = {"AZURE_STORAGE_ACCOUNT_URL": azurite["account_url"], "AZURE_STORAGE_SAS_TOKEN": "?" + sas,
+           "AZURE_STORAGE_CONTAINER": container_name}
+    result = cli.run(*DAY, "--upload", **env)
+    assert result.returncode == 0, result.stderr
+    upload = [r for r in cli.manifest() if "blob" in r][0]
+    blob = service.get_container_client(container_name).get_blob_client(upload["blob"])
+    assert blob.download_blob().readall() == (cli.data / upload["file"]).read_bytes()
+    signature = [part for part in sas.split("&") if part.startswith("sig=")][0]
+    assert_nothing_secret(result, cli, signature, sas)
+
+
+def test_upload_without_storage_settings_is_a_usage_error_before_any_export(cli, standin):
+    result = cli.run(*DAY, "--upload")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "Error: --upload needs AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT_URL "
+        "(with AZURE_STORAGE_SAS_TOKEN, or alone for DefaultAzureCredential)"
+    ]
+    assert standin.requests == [] and not cli.data.exists()
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"AZURE_STORAGE_CONNECTION_STRING": "x", "AZURE_STORAGE_CONTAINER": "Bad_Name"}, "container name 'Bad_Name'"),
+        ({"AZURE_STORAGE_CONNECTION_STRING": "garbage"}, "neither AccountName nor BlobEndpoint"),
+        ({"AZURE_STORAGE_ACCOUNT_URL": "https://acct.blob.core.windows.net/?sv=1&sig=abc"}, "no query, no token"),
+    ],
+)
+def test_bad_storage_settings_are_usage_errors(cli, standin, env, message):
+    result = cli.run(*DAY, "--upload", **env)
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "sig=abc" not in result.stderr and standin.requests == []
+
+
+def test_upload_without_the_azure_packages_says_which_file_to_install(cli, standin, tmp_path):
+    shadow = tmp_path / "shadow" / "azure"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("")
+    pythonpath = f"{tmp_path / 'shadow'}{os.pathsep}{cli.env()['PYTHONPATH']}"
+    result = cli.run(*DAY, "--upload", AZURE_STORAGE_CONNECTION_STRING="AccountName=a", PYTHONPATH=pythonpath)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "Error: --upload needs the Azure packages: pip install -r requirements-azure.txt"
+    assert standin.requests == []
+
+
+def test_an_account_url_alone_authenticates_with_default_azure_credential(monkeypatch):
+    import azure.identity
+
+    class FakeCredential:
+        def get_token(self, *scopes, **kwargs):
+            raise AssertionError("no token is asked for while building the client")
+
+    monkeypatch.setattr(azure.identity, "DefaultAzureCredential", FakeCredential)
+    target = azure_upload.target_from({"AZURE_STORAGE_ACCOUNT_URL": "https://acct.blob.core.windows.net"},
+                                      "amplitude", "amplitude/events")
+    assert target.method == "DefaultAzureCredential" and target.account == "acct"
+    client = azure_upload.container_client(target)
+    assert isinstance(client.credential, FakeCredential)
+    assert client.url == "https://acct.blob.core.windows.net/amplitude"
+
+
+@pytest.mark.parametrize(
+    "env, method",
+    [
+        ({"AZURE_STORAGE_CONNECTION_STRING": "AccountName=acct;AccountKey=k", "AZURE_STORAGE_ACCOUNT_URL": "https://x"},
+         "connection string"),
+        ({"AZURE_STORAGE_ACCOUNT_URL": "https://acct.blob.core.windows.net", "AZURE_STORAGE_SAS_TOKEN": "?sv=1&sig=s"},
+         "SAS token"),
+    ],
+)
+def test_first_credentials_found_win(env, method):
+    target = azure_upload.target_from(env, "amplitude", "p")
+    assert target.method == method and target.account == "acct"
+    assert "sig=s" not in repr(target) and "AccountKey" not in repr(target)
+
+
+@pytest.mark.parametrize(
+    "prefix, start, name, expected",
+    [
+        ("amplitude/events", "20251101T00", "f.json", "amplitude/events/date=2025-11-01/f.json"),
+        ("", "20240229T12", "f.json.gz", "date=2024-02-29/f.json.gz"),
+        ("a", "20251231T23", "f.jsonl", "a/date=2025-12-31/f.jsonl"),
+    ],
+)
+def test_blob_names(prefix, start, name, expected):
+    target = azure_upload.Target("amplitude", prefix, "https://acct.blob.core.windows.net")
+    assert target.blob_name(start, name) == expected
+
+
+def test_secrets_of_the_export_stay_out_of_uploads(cli, azurite, container_name, service):
+    result = cli.run(*DAY, "--upload", **upload_env(azurite, container_name))
+    assert result.returncode == 0
+    container = service.get_container_client(container_name)
+    for blob in container.list_blobs(include=["metadata"]):
+        text = json.dumps(blob.metadata)
+        assert API_KEY not in text and SECRET_KEY not in text
