@@ -106,9 +106,12 @@ def build_credential(target: Target):
 
 
 def container_client(target: Target):
-    from azure.storage.blob import BlobServiceClient
+    from azure.storage.blob import BlobServiceClient, ExponentialRetry
 
-    options = {"max_single_put_size": BLOCK_BYTES, "max_block_size": BLOCK_BYTES, "retry_total": 3}
+    # The SDK's default retry waits 15, 18 and 24 s; a few seconds is enough for a blip, and a run that cannot reach
+    # storage should say so soon: the next run sends what is pending.
+    retry = ExponentialRetry(initial_backoff=1, increment_base=2, retry_total=3)
+    options = {"max_single_put_size": BLOCK_BYTES, "max_block_size": BLOCK_BYTES, "retry_policy": retry}
     if target.connection_string:
         service = BlobServiceClient.from_connection_string(target.connection_string, **options)
     else:
