@@ -272,21 +272,17 @@ class SettingPicker:
         return str(self.raw(name, variable, default)[0])
 
     def integer(self, name, variable, default, low, high) -> int:
-        value, source = self.raw(name, variable, default)
-        try:
-            number = int(value)
-        except (TypeError, ValueError):
-            raise UsageError(f"{source}: expected a whole number, got {value!r}") from None
-        if not low <= number <= high:
-            raise UsageError(f"{source}: must be between {low} and {high}, got {number}")
-        return number
+        return self.bounded(name, variable, default, low, high, int, "a whole number")
 
     def number(self, name, variable, default, low, high) -> float:
+        return self.bounded(name, variable, default, low, high, float, "a number of seconds")
+
+    def bounded(self, name, variable, default, low, high, convert, expected):
         value, source = self.raw(name, variable, default)
         try:
-            number = float(value)
+            number = convert(value)
         except (TypeError, ValueError):
-            raise UsageError(f"{source}: expected a number of seconds, got {value!r}") from None
+            raise UsageError(f"{source}: expected {expected}, got {value!r}") from None
         if not low <= number <= high:
             raise UsageError(f"{source}: must be between {low} and {high}, got {value}")
         return number
