@@ -215,33 +215,40 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export raw Amplitude events (EU residency server by default) to local files.",
     )
     when = parser.add_argument_group("what to export (UTC; default: yesterday)")
-    when.add_argument("--date", help="one UTC day, YYYY-MM-DD")
-    when.add_argument("--start", help="first hour: YYYY-MM-DD (its T00) or YYYYMMDDTHH")
-    when.add_argument("--end", help="last hour, included: YYYY-MM-DD (its T23) or YYYYMMDDTHH")
-    when.add_argument("--window-hours", help="hours per request and per output file (env AMP_WINDOW_HOURS, default 24)")
+    when.add_argument("--date", metavar="YYYY-MM-DD", help="one UTC day")
+    when.add_argument("--start", metavar="WHEN", help="first hour: YYYY-MM-DD (its T00) or YYYYMMDDTHH")
+    when.add_argument("--end", metavar="WHEN", help="last hour, included: YYYY-MM-DD (its T23) or YYYYMMDDTHH")
+    when.add_argument("--window-hours", metavar="N", help="hours per request and per file (env AMP_WINDOW_HOURS, default 24)")
     when.add_argument("--refetch", action="store_true", help="export windows again even if the manifest has them")
     source = parser.add_argument_group("where from")
-    source.add_argument("--region", help="eu or us (env AMP_REGION, default eu)")
-    source.add_argument("--base-url", help="API base URL; overrides --region (env AMP_BASE_URL)")
-    source.add_argument("--max-attempts", help="attempts per request (env AMP_MAX_ATTEMPTS, default 5)")
+    source.add_argument("--region", metavar="{eu,us}", help="Amplitude's region (env AMP_REGION, default eu)")
+    source.add_argument("--base-url", metavar="URL", help="API base URL; overrides --region (env AMP_BASE_URL)")
+    source.add_argument("--max-attempts", metavar="N", help="attempts per request (env AMP_MAX_ATTEMPTS, default 5)")
     source.add_argument(
-        "--delay-seconds", help="wait after a failed attempt; twice that after a 429 (env AMP_DELAY_SECONDS, default 1)"
+        "--delay-seconds", metavar="SECONDS",
+        help="wait after a failed attempt; twice that after a 429 (env AMP_DELAY_SECONDS, default 1)",
     )
     source.add_argument(
-        "--read-timeout", help="seconds without a byte before an attempt fails (env AMP_READ_TIMEOUT, default 300)"
+        "--read-timeout", metavar="SECONDS",
+        help="seconds without a byte before an attempt fails (env AMP_READ_TIMEOUT, default 300)",
     )
-    source.add_argument("--workers", help="windows downloaded in parallel, 1 to 5 (env AMP_WORKERS, default 1)")
+    source.add_argument("--workers", metavar="N", help="windows downloaded in parallel, 1 to 5 (env AMP_WORKERS, default 1)")
     output = parser.add_argument_group("where to")
-    output.add_argument("--data-dir", help="output folder (env AMP_DATA_DIR, default data)")
-    output.add_argument("--data-outfile", help="file name stem (env AMP_DATA_OUTFILE, default ampl_dump)")
-    output.add_argument("--format", help="json (one array) or jsonl (one event a line) (env AMP_FORMAT, default json)")
+    output.add_argument("--data-dir", metavar="DIR", help="output folder (env AMP_DATA_DIR, default data)")
+    output.add_argument("--data-outfile", metavar="STEM", help="file name stem (env AMP_DATA_OUTFILE, default ampl_dump)")
+    output.add_argument(
+        "--format", metavar="{json,jsonl}",
+        help="json: one array; jsonl: one event a line (env AMP_FORMAT, default json)",
+    )
     output.add_argument("--gzip", action="store_true", help="gzip the output files (.json.gz / .jsonl.gz)")
-    output.add_argument("--log-dir", help="log folder (env AMP_LOG_DIR, default logs)")
-    output.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (env AMP_LOG_LEVEL, default INFO)")
+    output.add_argument("--log-dir", metavar="DIR", help="log folder (env AMP_LOG_DIR, default logs)")
+    output.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (env AMP_LOG_LEVEL, default INFO)")
     upload = parser.add_argument_group("Azure Blob Storage (needs requirements-azure.txt)")
     upload.add_argument("--upload", action="store_true", help="upload each finished file, and any still pending, to Azure")
-    upload.add_argument("--container", help="blob container (env AZURE_STORAGE_CONTAINER, default amplitude)")
-    upload.add_argument("--blob-prefix", help="blob name prefix (env AZURE_BLOB_PREFIX, default amplitude/events)")
+    upload.add_argument("--container", metavar="NAME", help="blob container (env AZURE_STORAGE_CONTAINER, default amplitude)")
+    upload.add_argument(
+        "--blob-prefix", metavar="PREFIX", help="blob name prefix (env AZURE_BLOB_PREFIX, default amplitude/events)"
+    )
     parser.add_argument("--demo", action="store_true", help="export from a local stand-in of the API: no credentials, no network")
     return parser
 
