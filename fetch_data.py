@@ -166,12 +166,19 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    setup_logging(settings.log_dir, settings.log_level, now)
+    try:
+        setup_logging(settings.log_dir, settings.log_level, now)
+    except OSError as exc:
+        print(f"Error: cannot write logs to {settings.log_dir}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         with serve_demo_if_asked(settings) as settings:
             return run(settings)
     except ExportError as exc:
         log.error("%s", exc)
+        return EXIT_FAILED
+    except OSError as exc:  # the data folder itself: unwritable, full, gone
+        log.error("cannot use %s: %s", exc.filename or settings.data_dir, exc.strerror or exc)
         return EXIT_FAILED
     except KeyboardInterrupt:
         log.error("Interrupted; nothing half-written is kept, the next run exports what is missing")
@@ -317,6 +324,10 @@ def pick_credentials(env) -> tuple[str, str]:
     if missing:
         pronoun = "it" if len(missing) == 1 else "them"
         raise UsageError(f"{' and '.join(missing)} not set: put {pronoun} in .env (see .env.example) or the environment")
+    for name in names:
+        # HTTP Basic sends latin-1; Amplitude's keys are hex, so anything else is a copy-paste accident.
+        if not (env[name].strip().isascii() and env[name].strip().isprintable()):
+            raise UsageError(f"{name} holds characters an Amplitude key never has (check for stray quotes or spaces)")
     return env[names[0]].strip(), env[names[1]].strip()
 
 

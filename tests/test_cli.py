@@ -174,6 +174,11 @@ def test_an_unreachable_server_is_retried_then_fails_cleanly(cli):
         (("--workers", "9"), {}, "Error: --workers: must be between 1 and 5, got 9"),
         ((), {"AMP_MAX_ATTEMPTS": "many"}, "Error: AMP_MAX_ATTEMPTS: expected a whole number, got 'many'"),
         (("--nope",), {}, "Error: unrecognized arguments: --nope (see --help)"),
+        (
+            (),
+            {"AMP_SECRET_KEY": "sécret"},
+            "Error: AMP_SECRET_KEY holds characters an Amplitude key never has (check for stray quotes or spaces)",
+        ),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_request(cli, standin, args, env, message):
@@ -218,6 +223,14 @@ def test_a_data_folder_that_cannot_be_made_fails_cleanly(cli, standin):
     assert result.returncode == 1
     assert "cannot create the data folder blocked/data" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_log_folder_that_cannot_be_made_is_a_usage_error(cli, standin):
+    (cli.workdir / "blocked").write_text("a file, not a folder")
+    result = cli.run(*DAY, "--log-dir", "blocked/logs")
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("Error: cannot write logs to blocked/logs: ")
+    assert standin.requests == []
 
 
 def test_demo_needs_no_credentials_and_no_network(cli):
