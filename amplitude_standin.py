@@ -77,6 +77,9 @@ class StandIn:
         self.timeout_over_hours = timeout_over_hours
         self.archive_path = archive_path
         self.seed = seed
+        self.answer_delay = 0.0  # seconds before each answer, to make concurrent requests overlap
+        self.in_flight = 0
+        self.most_in_flight = 0
         self.faults: deque[Fault] = deque()
         self._members: dict = {}
         self.requests: list[dict] = []
@@ -120,6 +123,17 @@ class StandIn:
                     return fault
         return None
 
+    @contextlib.contextmanager
+    def counting_in_flight(self):
+        with self._lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
     def record(self, **entry):
         with self._lock:
             self.requests.append(entry)
@@ -158,6 +172,11 @@ def make_handler(standin: StandIn):
             pass
 
         def do_GET(self):
+            with standin.counting_in_flight():
+                time.sleep(standin.answer_delay)
+                self.answer()
+
+        def answer(self):
             url = urlsplit(self.path)
             query = {k: v[0] for k, v in parse_qs(url.query).items()}
             start, end = query.get("start", ""), query.get("end", "")

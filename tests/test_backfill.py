@@ -162,6 +162,14 @@ def test_workers_give_the_same_files_and_manifest(cli, standin, tmp_path):
     assert [r[0]["start"][:8] for r in parallel] == [f"202510{d}" for d in range(27, 32)] + DAYS
 
 
+@pytest.mark.parametrize("workers", [1, 4])
+def test_workers_are_concurrent_requests(cli, standin, workers):
+    standin.answer_delay = 0.5
+    result = cli.run("--start", "2025-11-01", "--end", "2025-11-04", "--workers", str(workers))
+    assert result.returncode == 0, result.stderr
+    assert standin.most_in_flight == workers
+
+
 def test_one_run_at_a_time_per_data_folder(cli, standin):
     standin.add_fault("stall", seconds=4)
     first = cli.start("--date", "2025-11-01", "--read-timeout", "30")
