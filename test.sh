@@ -18,7 +18,13 @@ azurite_dir=$(mktemp -d)
 azurite_pid=""
 stop_azurite() {
     if [ -n "$azurite_pid" ]; then
+        # Azurite closes its service on SIGTERM but its process can linger: give it 5 s, then end it.
         kill "$azurite_pid" 2>/dev/null || true
+        for _ in $(seq 1 50); do
+            kill -0 "$azurite_pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -9 "$azurite_pid" 2>/dev/null || true
         wait "$azurite_pid" 2>/dev/null || true
     fi
     rm -rf "$azurite_dir"
