@@ -181,11 +181,13 @@ class Uploader:
 
         where = f"account {self.target.account}, container {self.target.container}"
         status = getattr(exc, "status_code", None)
-        code = getattr(exc, "error_code", None) or ""
+        answer = f" (HTTP {status} {getattr(exc, 'error_code', None) or ''})".replace(" )", ")") if status else ""
         if isinstance(exc, ClientAuthenticationError) or status in (401, 403):
-            return f"Azure rejected the credentials ({self.target.method}) for {where} (HTTP {status} {code})".strip()
+            if not status:  # DefaultAzureCredential found no identity to use
+                return f"no Azure credentials were available ({self.target.method}) for {where}"
+            return f"Azure rejected the credentials ({self.target.method}) for {where}{answer}"
         if isinstance(exc, ServiceRequestError):
             return f"cannot reach Azure Blob Storage for {where} ({type(exc).__name__})"
         if isinstance(exc, HttpResponseError):
-            return f"Azure answered HTTP {status} {code} for {where}"
+            return f"Azure answered{answer} for {where}"
         return f"upload to {where} failed ({type(exc).__name__})"

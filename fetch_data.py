@@ -352,9 +352,14 @@ def pick_upload(pick: SettingPicker):
     container = pick.text("container", "AZURE_STORAGE_CONTAINER", "amplitude")
     prefix = pick.text("blob_prefix", "AZURE_BLOB_PREFIX", "amplitude/events")
     try:
-        return azure_upload.target_from(pick.env, container, prefix)
+        target = azure_upload.target_from(pick.env, container, prefix)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    try:
+        azure_upload.container_client(target)  # the SDK's own checks of the settings; no request is made
+    except ValueError:
+        raise UsageError(f"the {target.method} for Azure is incomplete or malformed") from None
+    return target
 
 
 def pick_range(args: argparse.Namespace, now: dt.datetime) -> tuple[dt.datetime, dt.datetime]:

@@ -187,6 +187,10 @@ def test_upload_without_storage_settings_is_a_usage_error_before_any_export(cli,
     [
         ({"AZURE_STORAGE_CONNECTION_STRING": "x", "AZURE_STORAGE_CONTAINER": "Bad_Name"}, "container name 'Bad_Name'"),
         ({"AZURE_STORAGE_CONNECTION_STRING": "garbage"}, "neither AccountName nor BlobEndpoint"),
+        (
+            {"AZURE_STORAGE_CONNECTION_STRING": "AccountName=acct;AccountKey=k;Foo"},
+            "the connection string for Azure is incomplete or malformed",
+        ),
         ({"AZURE_STORAGE_ACCOUNT_URL": "https://acct.blob.core.windows.net/?sv=1&sig=abc"}, "no query, no token"),
     ],
 )
