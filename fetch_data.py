@@ -530,7 +530,7 @@ def fetch_once(span: Window, writer: EventWriter, session, settings: Settings, p
         status, headers, first_line = download(session, span, settings, zip_path)
         decision = classify(status, headers, first_line, settings.delay_seconds)
         if decision == "ok":
-            write_archive(zip_path, writer, settings, parser)
+            write_to_local(zip_path, writer, settings, parser)
         elif decision == "empty":
             log.info("%s: no data for this range (HTTP 404: %s)", span, first_line or "no body")
     finally:
@@ -580,7 +580,7 @@ def classify(status: int, headers, first_line: str, delay: float) -> str:
     raise ExportError(f"Amplitude answered HTTP {status}: {first_line or 'no body'}")
 
 
-def write_archive(zip_path: Path, writer: EventWriter, settings: Settings, parser) -> None:
+def write_to_local(zip_path: Path, writer: EventWriter, settings: Settings, parser) -> None:
     """The archive's events into `writer`; a corrupt archive is undone and retried, a bad event fails the window."""
     mark = writer.mark()
     try:
