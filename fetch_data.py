@@ -61,6 +61,7 @@ CHUNK_BYTES = 1 << 20
 GZIP_LEVEL = isal_zlib.ISAL_DEFAULT_COMPRESSION
 MANIFEST_NAME = "manifest.jsonl"
 LOCK_NAME = ".lock"
+JOURNAL_NAME = ".ampl-commit.json"  # the manifest line of the file being put in place, until it is appended
 TEMP_PREFIX = ".ampl-"
 TEMP_SUFFIX = ".part"
 ERROR_BODY_CHARS = 200
@@ -410,6 +411,7 @@ def run(settings: Settings) -> int:
         remove_temp_files(data_dir)
         manifest = data_dir / MANIFEST_NAME
         records = read_manifest(manifest)
+        records += finish_interrupted_save(data_dir, manifest, records)
         covered = set() if settings.refetch else exported_hours(records, data_dir)
         todo = plan_missing(settings.windows, covered)
         skipped = sum(w.hours for w in settings.windows) - sum(w.hours for w in todo)
@@ -729,40 +731,71 @@ def new_compressor():
 
 
 def save_window(finished: Finished, settings: Settings, manifest: Path, several: bool) -> dict:
-    """Put a finished window under its final name (never over another file), then record it in the manifest."""
+    """Put a finished window under its final name (never over another file), then record it in the manifest.
+
+    The record is journaled before the rename, so a run killed between the rename and the manifest append is
+    completed by the next run (finish_interrupted_save) instead of leaving a file the manifest does not know.
+    """
+    data_dir = settings.data_dir
+    journal = data_dir / JOURNAL_NAME
     try:
-        name = claim_name(finished.temp_path, output_names(settings, finished.window, several))
-        fsync_folder(settings.data_dir)
-        record = manifest_record(finished, name, now_utc())
+        for name in output_names(settings, finished.window, several):
+            record = manifest_record(finished, name, now_utc())
+            if (data_dir / name).exists():
+                continue
+            write_durably(journal, json.dumps(record).encode())
+            if put_in_place(finished.temp_path, data_dir / name):
+                break
+        fsync_folder(data_dir)
         append_manifest(manifest, record)
+        journal.unlink()
     except OSError as exc:
         finished.temp_path.unlink(missing_ok=True)
-        raise ExportError(f"cannot save {finished.window} in {settings.data_dir}: {exc.strerror or exc}") from None
+        raise ExportError(f"cannot save {finished.window} in {data_dir}: {exc.strerror or exc}") from None
     log.info(
         "Exported %s: %d events, %d bytes to %s in %.1fs",
-        finished.window, finished.events, finished.size, settings.data_dir / name, finished.seconds,
+        finished.window, finished.events, finished.size, data_dir / name, finished.seconds,
     )
     return record
 
 
-def claim_name(temp_path: Path, names) -> str:
-    """Rename `temp_path` to the first free name; a hard link makes 'free' and 'taken' one atomic step."""
-    for name in names:
-        target = temp_path.with_name(name)
-        try:
-            os.link(temp_path, target)
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP):
-                raise
-            if target.exists():  # a filesystem without hard links; the run lock keeps this check honest
-                continue
-            os.replace(temp_path, target)
-            return name
-        temp_path.unlink()
-        return name
-    raise AssertionError("output_names never ends")
+def put_in_place(temp_path: Path, target: Path) -> bool:
+    """Rename `temp_path` to `target` unless `target` exists; a hard link makes the check and the rename one step."""
+    try:
+        os.link(temp_path, target)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP):
+            raise
+        # A filesystem without hard links: the run lock keeps this check and rename free of races.
+        if target.exists():
+            return False
+        os.replace(temp_path, target)
+        return True
+    temp_path.unlink()
+    return True
+
+
+def finish_interrupted_save(data_dir: Path, manifest: Path, records: list[dict]) -> list[dict]:
+    """Record the file a killed run put in place without recording it; returns the records appended."""
+    journal = data_dir / JOURNAL_NAME
+    if not journal.exists():
+        return []
+    try:
+        record = json.loads(journal.read_bytes())
+        path = data_dir / record["file"]
+        complete = path.is_file() and path.stat().st_size == record["bytes"]
+    except (ValueError, KeyError, TypeError):
+        complete = False  # a journal torn while written: the rename it announced never happened
+    recorded = complete and any(r.get("file") == record["file"] and r.get("sha256") == record["sha256"] for r in records)
+    appended = []
+    if complete and not recorded:
+        log.warning("Recording %s, put in place by a run that stopped before recording it", record["file"])
+        append_manifest(manifest, record)
+        appended.append(record)
+    journal.unlink()
+    return appended
 
 
 def output_names(settings: Settings, window: Window, several: bool):
@@ -980,6 +1013,13 @@ def ensure_folder(path: Path) -> Path:
     except OSError as exc:
         raise ExportError(f"cannot create the data folder {path}: {exc.strerror or exc}") from None
     return path
+
+
+def write_durably(path: Path, content: bytes) -> None:
+    with open(path, "wb") as out:
+        out.write(content)
+        out.flush()
+        os.fsync(out.fileno())
 
 
 def fsync_folder(path: Path) -> None:

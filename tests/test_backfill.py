@@ -212,6 +212,33 @@ def test_kill_at_any_moment_then_resume(cli, standin, delay):
     assert_range_exported_once(cli, standin)
 
 
+def test_a_run_killed_between_rename_and_manifest_append_is_completed(cli, standin):
+    assert cli.run(*RANGE).returncode == 0
+    manifest = cli.data / "manifest.jsonl"
+    lines = manifest.read_text().splitlines()
+    # The state such a kill leaves: the last file in place, its line only in the journal.
+    manifest.write_text("".join(line + "\n" for line in lines[:-1]))
+    (cli.data / ".ampl-commit.json").write_text(lines[-1])
+    standin.requests.clear()
+    result = cli.run(*RANGE)
+    assert result.returncode == 0, result.stderr
+    assert standin.requests == []
+    assert "put in place by a run that stopped before recording it" in result.stderr
+    assert manifest.read_text().splitlines() == lines
+    assert not (cli.data / ".ampl-commit.json").exists()
+    assert_range_exported_once(cli, standin)
+
+
+@pytest.mark.parametrize("journal", ["{\"start\": \"2025110", '{"start":"20251102T00","end":"20251102T23","file":"gone.json"}'])
+def test_a_journal_whose_rename_never_happened_is_dropped(cli, standin, journal):
+    assert cli.run("--date", "2025-11-01").returncode == 0
+    (cli.data / ".ampl-commit.json").write_text(journal)
+    result = cli.run(*RANGE)
+    assert result.returncode == 0, result.stderr
+    assert not (cli.data / ".ampl-commit.json").exists()
+    assert_range_exported_once(cli, standin)
+
+
 def test_a_manifest_line_torn_by_a_crash_is_repaired(cli, standin):
     assert cli.run("--date", "2025-11-01").returncode == 0
     with open(cli.data / "manifest.jsonl", "a") as manifest:
