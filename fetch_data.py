@@ -907,6 +907,8 @@ def read_manifest(manifest: Path) -> list[dict]:
             record = json.loads(line)
             parse_hour(record["start"], "start", last_hour=False)
             parse_hour(record["end"], "end", last_hour=True)
+            if not is_plain_name(record["file"]):
+                raise ValueError("a manifest names files in the data folder only")
             records.append(record)
         except (ValueError, KeyError, TypeError, UsageError):
             log.warning("%s line %d is not a manifest record; ignored", manifest, number)
@@ -1112,6 +1114,10 @@ def plan_missing(windows, covered: set[dt.datetime]) -> list[Window]:
         if run_start is not None:
             missing.append(Window(run_start, window.end))
     return missing
+
+
+def is_plain_name(name) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
 
 
 def member_order_key(name: str) -> tuple:

@@ -239,6 +239,19 @@ def test_a_journal_whose_rename_never_happened_is_dropped(cli, standin, journal)
     assert_range_exported_once(cli, standin)
 
 
+def test_a_manifest_line_pointing_outside_the_data_folder_is_ignored(cli, standin):
+    outside = cli.workdir / "elsewhere.json"
+    outside.write_bytes(b"[]\n")
+    cli.data.mkdir()
+    record = {"start": "20251101T00", "end": "20251101T23", "file": "../elsewhere.json", "events": 0, "bytes": 3,
+              "sha256": "x", "finished_at": "2025-11-02T00:00:00Z"}
+    (cli.data / "manifest.jsonl").write_text(json.dumps(record) + "\n")
+    result = cli.run("--date", "2025-11-01")
+    assert result.returncode == 0, result.stderr
+    assert "line 1 is not a manifest record; ignored" in result.stderr
+    assert len(standin.requests) == 1
+
+
 def test_a_manifest_line_torn_by_a_crash_is_repaired(cli, standin):
     assert cli.run("--date", "2025-11-01").returncode == 0
     with open(cli.data / "manifest.jsonl", "a") as manifest:

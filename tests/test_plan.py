@@ -240,3 +240,12 @@ def test_classify_decides_retry_split_or_fail(status, headers, delay, expected):
 @pytest.mark.parametrize("status, expected", [(200, "ok"), (404, "empty")])
 def test_classify_success_and_empty(status, expected):
     assert fd.classify(status, {}, "", 1) == expected
+
+
+@pytest.mark.parametrize(
+    "name, plain",
+    [("20251107_0043_ampl_dump.json", True), ("../etc/passwd", False), ("sub/x.json", False), ("..", False),
+     ("", False), (None, False), ("a\\b", False)],
+)
+def test_manifest_records_name_files_in_the_data_folder_only(name, plain):
+    assert fd.is_plain_name(name) is plain
