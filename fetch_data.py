@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import time
 import uuid
@@ -409,6 +410,7 @@ def run(settings: Settings) -> int:
     data_dir = ensure_folder(settings.data_dir)
     with hold_lock(data_dir):
         remove_temp_files(data_dir)
+        stop_cleanly_on_sigterm(data_dir)
         manifest = data_dir / MANIFEST_NAME
         records = read_manifest(manifest)
         records += finish_interrupted_save(data_dir, manifest, records)
@@ -927,11 +929,28 @@ def exported_hours(records: list[dict], data_dir: Path) -> set[dt.datetime]:
     return covered
 
 
-def remove_temp_files(data_dir: Path) -> None:
+def remove_temp_files(data_dir: Path, quiet: bool = False) -> None:
     """Temporary files of an interrupted run; the lock guarantees no running export owns them."""
     for stray in data_dir.glob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}"):
-        log.warning("Removing %s, left by an interrupted run", stray)
+        if not quiet:
+            log.warning("Removing %s, left by an interrupted run", stray)
         stray.unlink(missing_ok=True)
+
+
+def stop_cleanly_on_sigterm(data_dir: Path) -> None:
+    """cron and systemd stop jobs with SIGTERM: leave no temporary file and exit 1 at once.
+
+    Waiting for the download threads could take minutes; what they have not put in place is simply discarded,
+    and the next run exports it. A journaled rename is completed by the next run either way.
+    """
+
+    def stop(signum, frame):
+        remove_temp_files(data_dir, quiet=True)
+        log.error("Stopped by SIGTERM; files not yet in place were discarded, the next run exports what is missing")
+        logging.shutdown()
+        os._exit(EXIT_FAILED)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 @contextlib.contextmanager

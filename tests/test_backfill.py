@@ -196,6 +196,23 @@ def test_a_killed_run_leaves_nothing_half_done_and_the_next_run_completes(cli, s
     assert_range_exported_once(cli, standin)
 
 
+def test_sigterm_stops_at_once_and_leaves_no_temporary_file(cli, standin):
+    standin.add_fault("stall", start="20251102T00", end="20251102T23", seconds=30)
+    victim = cli.start(*RANGE, "--read-timeout", "60", "--workers", "2")
+    wait_for(lambda: len(standin.requests) >= 2 and len(cli.outputs()) >= 1)
+    wait_for(lambda: any(p.name.endswith(".part") for p in cli.leftovers()))
+    began = time.monotonic()
+    victim.send_signal(signal.SIGTERM)
+    _, stderr = victim.communicate(timeout=20)
+    assert victim.returncode == 1
+    assert time.monotonic() - began < 10
+    assert "Stopped by SIGTERM" in stderr
+    assert [p for p in cli.leftovers() if p.name.endswith(".part")] == []
+    result = cli.run(*RANGE)
+    assert result.returncode == 0, result.stderr
+    assert_range_exported_once(cli, standin)
+
+
 @pytest.mark.parametrize("delay", [0.2, 0.4, 0.6])
 def test_kill_at_any_moment_then_resume(cli, standin, delay):
     standin.events_per_part = 150
