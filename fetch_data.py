@@ -182,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # the data folder itself: unwritable, full, gone
         log.error("cannot use %s: %s", exc.filename or settings.data_dir, exc.strerror or exc)
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        log.error("Interrupted; nothing half-written is kept, the next run exports what is missing")
+    except KeyboardInterrupt:  # before the data folder is locked; afterwards stop_cleanly_on_signals answers
+        log.error("Interrupted before any export started")
         return EXIT_FAILED
 
 
@@ -410,7 +410,7 @@ def run(settings: Settings) -> int:
     data_dir = ensure_folder(settings.data_dir)
     with hold_lock(data_dir):
         remove_temp_files(data_dir)
-        stop_cleanly_on_sigterm(data_dir)
+        stop_cleanly_on_signals(data_dir)
         manifest = data_dir / MANIFEST_NAME
         records = read_manifest(manifest)
         records += finish_interrupted_save(data_dir, manifest, records)
@@ -937,8 +937,8 @@ def remove_temp_files(data_dir: Path, quiet: bool = False) -> None:
         stray.unlink(missing_ok=True)
 
 
-def stop_cleanly_on_sigterm(data_dir: Path) -> None:
-    """cron and systemd stop jobs with SIGTERM: leave no temporary file and exit 1 at once.
+def stop_cleanly_on_signals(data_dir: Path) -> None:
+    """SIGTERM (cron, systemd) or Ctrl-C: leave no temporary file and exit 1 at once.
 
     Waiting for the download threads could take minutes; what they have not put in place is simply discarded,
     and the next run exports it. A journaled rename is completed by the next run either way.
@@ -946,11 +946,13 @@ def stop_cleanly_on_sigterm(data_dir: Path) -> None:
 
     def stop(signum, frame):
         remove_temp_files(data_dir, quiet=True)
-        log.error("Stopped by SIGTERM; files not yet in place were discarded, the next run exports what is missing")
+        log.error("Stopped by %s; files not yet in place were discarded, the next run exports what is missing",
+                  signal.Signals(signum).name)
         logging.shutdown()
         os._exit(EXIT_FAILED)
 
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
 
 
 @contextlib.contextmanager

@@ -196,17 +196,18 @@ def test_a_killed_run_leaves_nothing_half_done_and_the_next_run_completes(cli, s
     assert_range_exported_once(cli, standin)
 
 
-def test_sigterm_stops_at_once_and_leaves_no_temporary_file(cli, standin):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_ends_the_run_at_once_leaving_no_temporary_file(cli, standin, signum):
     standin.add_fault("stall", start="20251102T00", end="20251102T23", seconds=30)
     victim = cli.start(*RANGE, "--read-timeout", "60", "--workers", "2")
     wait_for(lambda: len(standin.requests) >= 2 and len(cli.outputs()) >= 1)
     wait_for(lambda: any(p.name.endswith(".part") for p in cli.leftovers()))
     began = time.monotonic()
-    victim.send_signal(signal.SIGTERM)
+    victim.send_signal(signum)
     _, stderr = victim.communicate(timeout=20)
     assert victim.returncode == 1
     assert time.monotonic() - began < 10
-    assert "Stopped by SIGTERM" in stderr
+    assert f"Stopped by {signum.name}" in stderr
     assert [p for p in cli.leftovers() if p.name.endswith(".part")] == []
     result = cli.run(*RANGE)
     assert result.returncode == 0, result.stderr
