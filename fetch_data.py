@@ -449,7 +449,7 @@ def export_windows(windows: list[Window], settings: Settings, save) -> tuple[lis
             for window in itertools.islice(queue, 2 * settings.workers):
                 pending.append((window, pool.submit(export_window, window, settings)))
             while pending:
-                window, future = pending.popleft()
+                window, future = pending[0]
                 try:
                     record = save(future.result())
                     saved.append(record)
@@ -458,6 +458,7 @@ def export_windows(windows: list[Window], settings: Settings, save) -> tuple[lis
                     log.error("Window %s failed: %s", window, exc)
                     failures.append((window, str(exc)))
                     progress.advance(0)
+                pending.popleft()
                 following = next(queue, None)
                 if following:
                     pending.append((following, pool.submit(export_window, following, settings)))
@@ -847,7 +848,7 @@ class Uploads:
             return
         append_manifest(self.manifest, {
             "start": record["start"], "end": record["end"], "file": record["file"], "blob": blob,
-            "sha256": record["sha256"], "uploaded_at": now_utc().strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "sha256": record["sha256"], "uploaded_at": iso_utc(now_utc()),
         })
         verb = "Uploaded" if sent else "Already uploaded (same sha256)"
         log.info("%s %s to %s/%s", verb, record["file"], target.container, blob)
@@ -859,10 +860,9 @@ def pending_uploads(records: list[dict], data_dir: Path) -> list[dict]:
     pending, seen = [], set()
     for record in records:
         key = (record.get("file"), record.get("sha256"))
-        if "bytes" not in record or "blob" in record or key in uploaded or key in seen:
+        if "blob" in record or key in uploaded or key in seen:
             continue
-        path = data_dir / str(record["file"])
-        if path.is_file() and path.stat().st_size == record["bytes"]:
+        if is_intact(record, data_dir):
             pending.append(record)
             seen.add(key)
     return pending
@@ -880,7 +880,7 @@ def manifest_record(finished: Finished, name: str, now: dt.datetime) -> dict:
         "events": finished.events,
         "bytes": finished.size,
         "sha256": finished.sha256,
-        "finished_at": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "finished_at": iso_utc(now),
     }
 
 
@@ -921,12 +921,17 @@ def exported_hours(records: list[dict], data_dir: Path) -> set[dt.datetime]:
     """Hours whose export is recorded and whose file is still there with the recorded size."""
     covered = set()
     for record in records:
-        path = data_dir / str(record.get("file", ""))
-        if path.name and path.is_file() and path.stat().st_size == record.get("bytes"):
+        if is_intact(record, data_dir):
             start = parse_hour(record["start"], "start", last_hour=False)
             end = parse_hour(record["end"], "end", last_hour=True)
             covered.update(hours_between(start, end))
     return covered
+
+
+def is_intact(record: dict, data_dir: Path) -> bool:
+    """An export line whose file is still in the data folder with the size it was recorded with."""
+    path = data_dir / record["file"]
+    return "bytes" in record and path.is_file() and path.stat().st_size == record["bytes"]
 
 
 def remove_temp_files(data_dir: Path, quiet: bool = False) -> None:
@@ -1073,6 +1078,10 @@ def retry_after_seconds(headers) -> float:
 
 def now_utc() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def iso_utc(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def yesterday(now: dt.datetime) -> Window:
