@@ -444,7 +444,9 @@ def export_windows(windows: list[Window], settings: Settings, save) -> tuple[lis
     saved, failures = [], []
     pending: deque = deque()
     queue = iter(windows)
-    with progress_bar(len(windows)) as progress, ThreadPoolExecutor(settings.workers, thread_name_prefix="window") as pool:
+    with progress_bar(len(windows)) as progress, ThreadPoolExecutor(
+        settings.workers, thread_name_prefix="window", initializer=leave_signals_to_main_thread
+    ) as pool:
         try:
             for window in itertools.islice(queue, 2 * settings.workers):
                 pending.append((window, pool.submit(export_window, window, settings)))
@@ -958,6 +960,12 @@ def stop_cleanly_on_signals(data_dir: Path) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+
+
+def leave_signals_to_main_thread() -> None:
+    """Python runs signal handlers in the main thread only, and a signal the kernel hands to a worker thread does
+    not wake a main thread blocked waiting on a future: so workers (and the threads they start) block them."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
 
 
 @contextlib.contextmanager
