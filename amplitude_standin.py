@@ -37,17 +37,19 @@ CITIES = ("Berlin", "München", "Zürich", "Kraków", "São Paulo", "Reykjavík"
 class Fault:
     """One scripted answer: `kind` is an HTTP status (int) or one of the named misbehaviours below."""
 
-    KINDS = ("drop", "truncate", "corrupt_crc", "corrupt_gzip", "not_zip", "stall", "bad_line")
+    KINDS = ("drop", "truncate", "corrupt_crc", "corrupt_gzip", "not_zip", "stall", "bad_line", "trickle", "members", "body")
 
-    def __init__(self, kind, start=None, end=None, body=None, retry_after=None, seconds=0.0):
+    def __init__(self, kind, start=None, end=None, body=None, retry_after=None, seconds=0.0, headers=None, members=None):
         if not isinstance(kind, int) and kind not in self.KINDS:
             raise ValueError(f"unknown fault {kind!r}")
         self.kind = kind
         self.start = start
         self.end = end
-        self.body = body
+        self.body = body  # the error text of a status, or the raw 200 body of "body"
         self.retry_after = retry_after
-        self.seconds = seconds
+        self.seconds = seconds  # "stall": silence before a 503; "trickle": the pause between two bytes
+        self.headers = headers or {}
+        self.members = members  # "members": (name, bytes stored as they are) for a zip of exactly these
 
     def matches(self, start: str, end: str) -> bool:
         return (self.start is None or self.start == start) and (self.end is None or self.end == end)
@@ -213,7 +215,13 @@ def make_handler(standin: StandIn):
         def send_fault(self, fault: Fault, span):
             if isinstance(fault.kind, int):
                 headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else {}
-                return self.send_text(fault.kind, fault.body or f"Error {fault.kind}", headers)
+                return self.send_text(fault.kind, fault.body or f"Error {fault.kind}", {**headers, **fault.headers})
+            if fault.kind == "members":
+                return self.send_bytes(200, build_archive(fault.members), "application/zip")
+            if fault.kind == "body":
+                return self.send_bytes(200, fault.body, "application/zip")
+            if fault.kind == "trickle":
+                return self.send_trickle(build_archive(standin.members(*span)), fault.seconds)
             if fault.kind == "stall":
                 time.sleep(fault.seconds)
                 return self.send_text(503, "stalled")
@@ -263,6 +271,18 @@ def make_handler(standin: StandIn):
             self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()
             self.close_connection = True
+
+        def send_trickle(self, body: bytes, pause: float):
+            """The whole body announced, then a byte at a time: never silent long enough for a read timeout."""
+            self.send_response(200)
+            self.send_header("Content-Type", "application/zip")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                for index in range(len(body)):
+                    self.wfile.write(body[index : index + 1])
+                    self.wfile.flush()
+                    time.sleep(pause)
 
         def send_file(self, path: Path):
             self.send_response(200)

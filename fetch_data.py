@@ -7,27 +7,36 @@ Ranges, resume, splitting of too-large windows, parallel windows and formats: se
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import dataclasses
 import datetime as dt
+import email.utils
 import errno
 import fcntl
 import hashlib
+import http.client
+import ipaddress
 import itertools
 import json
 import logging
 import os
 import re
 import signal
+import socket
+import ssl
+import stat
 import sys
+import threading
 import time
+import urllib.parse
 import uuid
 import zipfile
-import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import msgspec
 import requests
 import simdjson
 from dotenv import load_dotenv
@@ -52,6 +61,8 @@ delay_seconds = 1
 
 CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 300.0
+ATTEMPT_TIMEOUT = 3600.0
+MAX_EVENT_BYTES = 16 << 20
 RETRY_AFTER_CAP = 60.0
 MAX_WORKERS = 5  # Amplitude allows 5 concurrent REST requests per project.
 MAX_WINDOW_HOURS = 365 * 24  # The Export API's own limit for one request.
@@ -59,6 +70,8 @@ FRESHNESS = dt.timedelta(hours=2)  # Amplitude makes events exportable about 2 h
 HOUR = dt.timedelta(hours=1)
 HOUR_FORMAT = "%Y%m%dT%H"
 CHUNK_BYTES = 1 << 20
+MIN_READ_BYTES = 64 << 10
+MAX_BATCH_LINES = 20_000
 GZIP_LEVEL = isal_zlib.ISAL_DEFAULT_COMPRESSION
 MANIFEST_NAME = "manifest.jsonl"
 LOCK_NAME = ".lock"
@@ -66,11 +79,19 @@ JOURNAL_NAME = ".ampl-commit.json"  # the manifest line of the file being put in
 TEMP_PREFIX = ".ampl-"
 TEMP_SUFFIX = ".part"
 ERROR_BODY_CHARS = 200
+ERROR_BODY_BYTES = 4096
+NO_DATA_TEXT = "Raw data files were not found"  # Amplitude's 404 body for a range without events
+TOO_LARGE_TEXT = "too large"  # in Amplitude's 400 body for an export over its 4 GB limit
+UTF8_BOM = b"\xef\xbb\xbf"
+GZIP_MAGIC = b"\x1f\x8b"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 # Seen in Amplitude archives: <project>/<project>_<YYYY-MM-DD>_<H>#<N>.json.gz, the hour not zero-padded.
 MEMBER_NAME = re.compile(r"_(\d{4}-\d{2}-\d{2})_(\d{1,2})#(\d+)\.json(?:\.gz)?$")
-CORRUPT_ARCHIVE_ERRORS = (zipfile.BadZipFile, zlib.error, isal_zlib.error, EOFError, OSError)
+# Names of files that are not data: macOS resource forks and folders some zip tools add.
+NOT_DATA_MEMBER = re.compile(r"(^|/)(__MACOSX/|\._)")
+# A whole line checked for being one JSON object without building its values (see is_long_event).
+LONG_EVENT = msgspec.json.Decoder(dict[str, msgspec.Raw])
 
 
 class UsageError(Exception):
@@ -134,6 +155,8 @@ class Settings:
     max_attempts: int
     delay_seconds: float
     read_timeout: float
+    attempt_timeout: float
+    max_event_bytes: int
     window_hours: int
     workers: int
     file_format: str
@@ -185,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # before the data folder is locked; afterwards stop_cleanly_on_signals answers
         log.error("Interrupted before any export started")
         return EXIT_FAILED
+    except Exception as exc:  # a bug, not the user's doing: one line, the traceback in the log file only
+        log.debug("Traceback of the failure below", exc_info=True)
+        log.error("Export failed unexpectedly: %s: %s", type(exc).__name__, exc)
+        return EXIT_FAILED
 
 
 def parse_settings(argv: list[str] | None, env, now: dt.datetime) -> Settings:
@@ -207,6 +234,8 @@ def parse_settings(argv: list[str] | None, env, now: dt.datetime) -> Settings:
         max_attempts=pick.integer("max_attempts", "AMP_MAX_ATTEMPTS", max_attempts, 1, 100),
         delay_seconds=pick.number("delay_seconds", "AMP_DELAY_SECONDS", delay_seconds, 0, 3600),
         read_timeout=pick.number("read_timeout", "AMP_READ_TIMEOUT", READ_TIMEOUT, 0.1, 86400),
+        attempt_timeout=pick.number("attempt_timeout", "AMP_ATTEMPT_TIMEOUT", ATTEMPT_TIMEOUT, 0.1, 7 * 86400),
+        max_event_bytes=pick.integer("max_event_bytes", "AMP_MAX_EVENT_BYTES", MAX_EVENT_BYTES, 2, 1 << 40),
         window_hours=window_hours,
         workers=pick.integer("workers", "AMP_WORKERS", 1, 1, MAX_WORKERS),
         file_format=pick.choice("format", "AMP_FORMAT", "json", ("json", "jsonl")),
@@ -240,6 +269,15 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument(
         "--read-timeout", metavar="SECONDS",
         help="seconds without a byte before an attempt fails (env AMP_READ_TIMEOUT, default 300)",
+    )
+    source.add_argument(
+        "--attempt-timeout", metavar="SECONDS",
+        help="seconds an attempt (request and whole body) may take before it is abandoned and retried "
+        "(env AMP_ATTEMPT_TIMEOUT, default 3600)",
+    )
+    source.add_argument(
+        "--max-event-bytes", metavar="N",
+        help="longest event line accepted; a longer one fails its window (env AMP_MAX_EVENT_BYTES, default 16 MiB)",
     )
     source.add_argument("--workers", metavar="N", help="windows downloaded in parallel, 1 to 5 (env AMP_WORKERS, default 1)")
     output = parser.add_argument_group("where to")
@@ -338,9 +376,14 @@ def pick_base_url(pick: SettingPicker) -> str:
         return "http://127.0.0.1"  # replaced by the stand-in's address once it listens
     region = pick.choice("region", "AMP_REGION", "eu", ("eu", "us"))
     base_url, source = pick.raw("base_url", "AMP_BASE_URL", EU_BASE_URL if region == "eu" else US_BASE_URL)
-    if not re.fullmatch(r"https?://[^\s/@]+(/[^\s]*)?", base_url):
-        raise UsageError(f"{source}: expected an http(s) URL without credentials, got {base_url!r}")
-    return base_url.rstrip("/")
+    found = re.fullmatch(r"(https?)://([^\s/@?#]+)(/[^\s?#]*)?", base_url)
+    if not found:
+        raise UsageError(f"{source}: expected an http(s) URL without credentials, query or fragment, got {base_url!r}")
+    scheme, host = found.group(1), found.group(2)
+    if scheme == "http" and not is_loopback(host):
+        raise UsageError(f"{source}: the keys would travel unencrypted to {host}; use https:// (http:// is for 127.0.0.1 only)")
+    # People paste the whole endpoint; the path is added per request, so take what comes before it.
+    return base_url.rstrip("/").removesuffix(EXPORT_PATH).rstrip("/")
 
 
 def pick_upload(pick: SettingPicker):
@@ -456,9 +499,10 @@ def export_windows(windows: list[Window], settings: Settings, save) -> tuple[lis
                     record = save(future.result())
                     saved.append(record)
                     progress.advance(record["bytes"])
-                except ExportError as exc:
-                    log.error("Window %s failed: %s", window, exc)
-                    failures.append((window, str(exc)))
+                except Exception as exc:  # an unforeseen failure ends its window, not the run
+                    reason = str(exc) if isinstance(exc, ExportError) else f"unexpected {type(exc).__name__}: {exc}"
+                    log.error("Window %s failed: %s", window, reason)
+                    failures.append((window, reason))
                     progress.advance(0)
                 pending.popleft()
                 following = next(queue, None)
@@ -534,46 +578,102 @@ def fetch_once(span: Window, writer: EventWriter, session, settings: Settings, p
     """One request: on 200 the events go into `writer`, else the response says retry, split, skip or fail."""
     zip_path = writer.path.with_name(f"{TEMP_PREFIX}download-{span.label}-{uuid.uuid4().hex[:8]}.zip{TEMP_SUFFIX}")
     try:
-        status, headers, first_line = download(session, span, settings, zip_path)
-        decision = classify(status, headers, first_line, settings.delay_seconds)
+        answer = download(session, span, settings, zip_path)
+        decision = classify(answer, settings.delay_seconds)
         if decision == "ok":
-            write_to_local(zip_path, writer, settings, parser)
+            write_to_local(zip_path, writer, settings, parser, span)
         elif decision == "empty":
-            log.info("%s: no data for this range (HTTP 404: %s)", span, first_line or "no body")
+            log.info("%s: no data for this range (HTTP 404: %s)", span, answer.first_line)
     finally:
         zip_path.unlink(missing_ok=True)
 
 
-def download(session, span: Window, settings: Settings, dest: Path) -> tuple[int, dict, str]:
-    """Stream the response body to `dest` on 200; return the status, headers and the first line of any other body."""
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """What one request got: the status, the headers, the start of any body other than a 200's, and the URL asked."""
+
+    status: int
+    headers: dict
+    body: str
+    url: str
+
+    @property
+    def first_line(self) -> str:
+        return self.body.strip().splitlines()[0][:ERROR_BODY_CHARS] if self.body.strip() else "no body"
+
+
+def download(session, span: Window, settings: Settings, dest: Path) -> Answer:
+    """One attempt, abandoned once it has run `attempt_timeout` seconds.
+
+    A read timeout bounds the silence between two bytes, not a whole answer: a server that sends a byte a second
+    would hold the run (and the data folder's lock) for ever. The request runs on a thread of its own, which an
+    abandoned attempt leaves to die with its connection; it writes nothing more once abandoned.
+    """
+    outcome: dict = {}
+    abandoned = threading.Event()
+
+    def attempt():
+        try:
+            outcome["answer"] = request_to_file(session, span, settings, dest, abandoned)
+        except BaseException as exc:  # handed to the waiting thread, which raises it
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=attempt, name=f"request-{span.label}", daemon=True)
+    thread.start()
+    thread.join(settings.attempt_timeout)
+    if thread.is_alive():
+        abandoned.set()
+        raise Retryable(
+            f"no whole answer within {settings.attempt_timeout:g}s (--attempt-timeout); attempt abandoned",
+            settings.delay_seconds,
+        )
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["answer"]
+
+
+def request_to_file(session, span: Window, settings: Settings, dest: Path, abandoned: threading.Event) -> Answer:
+    """Stream a 200's body to `dest`; any other answer comes back with the start of its body."""
+    url = settings.base_url + EXPORT_PATH
     params = {"start": format_hour(span.start), "end": format_hour(span.end)}
     try:
         with session.get(
-            settings.base_url + EXPORT_PATH,
-            params=params,
-            stream=True,
-            timeout=(CONNECT_TIMEOUT, settings.read_timeout),
+            url, params=params, stream=True, allow_redirects=False, timeout=(CONNECT_TIMEOUT, settings.read_timeout),
         ) as response:
             if response.status_code != 200:
-                return response.status_code, response.headers, first_line_of(response)
+                return Answer(response.status_code, response.headers, body_start(response), url)
             with open(dest, "wb") as out:
                 for chunk in response.iter_content(CHUNK_BYTES):
+                    if abandoned.is_set():
+                        break
                     out.write(chunk)
-            return 200, response.headers, ""
-    except requests.Timeout:
-        raise Retryable(f"no answer within {settings.read_timeout:g}s (timeout)", settings.delay_seconds) from None
+            if abandoned.is_set():
+                dest.unlink(missing_ok=True)
+            return Answer(200, response.headers, "", url)
     except requests.RequestException as exc:
-        raise Retryable(f"connection failed or body cut short ({type(exc).__name__})", settings.delay_seconds) from None
+        raise Retryable(describe_failure(exc, settings), settings.delay_seconds) from None
 
 
-def classify(status: int, headers, first_line: str, delay: float) -> str:
+def classify(answer: Answer, delay: float) -> str:
     """The one place that decides what a response means: 'ok', 'empty', or an exception to retry, split or fail."""
+    status = answer.status
     if status == 200:
         return "ok"
-    if status == 404:
+    if status == 404 and NO_DATA_TEXT in answer.body:
         return "empty"
+    if status == 404:
+        raise ExportError(
+            f"HTTP 404 for {answer.url} is not Amplitude's 'no data' answer ({answer.first_line}): "
+            "check --base-url (AMP_BASE_URL) and --region"
+        )
+    if 300 <= status < 400:
+        target = urllib.parse.urlsplit(answer.headers.get("Location", "")).hostname or "an address not given"
+        raise ExportError(
+            f"HTTP {status}: {answer.url} redirects to {target}; redirects are not followed, so the keys go nowhere "
+            "else: point --base-url (AMP_BASE_URL) at the API itself"
+        )
     if status == 429:
-        wait = max(2 * delay, min(retry_after_seconds(headers), RETRY_AFTER_CAP))
+        wait = max(2 * delay, min(retry_after_seconds(answer.headers, now_utc()), RETRY_AFTER_CAP))
         raise Retryable("rate limit exceeded (HTTP 429)", wait, status)
     if status >= 500:
         raise Retryable(f"server error (HTTP {status})", delay, status)
@@ -582,49 +682,111 @@ def classify(status: int, headers, first_line: str, delay: float) -> str:
             f"Amplitude rejected the credentials (HTTP {status}): check AMP_API_KEY and AMP_SECRET_KEY, "
             "and that the project lives in the region asked for (EU by default; --region us for a US project)"
         )
-    if status == 400:
-        raise TooLarge(f"HTTP 400: {first_line or 'export too large'}")
-    raise ExportError(f"Amplitude answered HTTP {status}: {first_line or 'no body'}")
+    if status == 400 and TOO_LARGE_TEXT in answer.body.lower():
+        raise TooLarge(f"HTTP 400: {answer.first_line}")
+    raise ExportError(f"Amplitude answered HTTP {status}: {answer.first_line}")
 
 
-def write_to_local(zip_path: Path, writer: EventWriter, settings: Settings, parser) -> None:
-    """The archive's events into `writer`; a corrupt archive is undone and retried, a bad event fails the window."""
+def write_to_local(zip_path: Path, writer: EventWriter, settings: Settings, parser, span: Window) -> None:
+    """The archive's events into `writer`; a damaged archive is undone and retried, a bad event fails the window."""
     mark = writer.mark()
     try:
-        for member, first_line_number, lines in unzip(zip_path):
+        for member, first_line_number, lines in unzip(zip_path, span, settings.max_event_bytes):
             writer.write_events(check_events(lines, member, first_line_number, parser))
     except CorruptArchive as exc:
         writer.rollback(mark)
         raise Retryable(f"the archive is damaged ({exc})", settings.delay_seconds) from None
 
 
-def unzip(zip_path: Path):
-    """Yield (member, first line number, lines) in hour order, decompressing each gzip member as a stream."""
+def unzip(zip_path: Path, span: Window, max_event_bytes: int):
+    """Yield (member, first line number, lines) in hour order, decompressing each member as a stream.
+
+    Whatever zipfile, gzip or the decompressor raise (bad CRC, encryption, an unknown compression method, a name
+    that cannot be decoded, ...) means the archive is damaged: the caller undoes it and downloads it again.
+    """
     try:
         with zipfile.ZipFile(zip_path) as archive:
-            members = sorted((m for m in archive.infolist() if not m.is_dir()), key=lambda m: member_order_key(m.filename))
+            members, skipped = sort_members(archive.infolist())
+            for name in skipped:
+                log.warning("%s: skipping archive member %s, not a data file (.json or .json.gz)", span, name)
+            for name in members_outside(members, span):
+                log.warning("%s: archive member %s is named for an hour outside the window; exporting it", span, name)
             for member in members:
-                with archive.open(member) as raw, igzip_threaded.open(raw, "rb", threads=1) as events:
-                    yield from read_lines(events, member.filename)
-    except CORRUPT_ARCHIVE_ERRORS as exc:
-        raise CorruptArchive(f"{type(exc).__name__}: {exc}") from None
+                with archive.open(member) as raw, open_member(raw) as events:
+                    yield from read_lines(events, member.filename, max_event_bytes)
+    except ExportError:
+        raise
+    except Exception as exc:
+        raise CorruptArchive(f"{type(exc).__name__}: {first_text_line(exc)}") from None
 
 
-def read_lines(stream, member: str):
-    """Batches of complete lines, about CHUNK_BYTES at a time, without the newline."""
-    tail = b""
+def open_member(raw):
+    """A gzip member is decompressed on isal's own thread; a member of plain JSON lines is read as it is."""
+    if raw.peek(2)[:2] == GZIP_MAGIC:
+        return igzip_threaded.open(raw, "rb", threads=1)
+    return contextlib.nullcontext(raw)
+
+
+def read_lines(stream, member: str, max_event_bytes: int):
+    """Batches of complete lines, about CHUNK_BYTES at a time, without the newline or a leading byte-order mark.
+
+    The unfinished end of a chunk is kept as a list of pieces, joined once when its line ends, so a line costs
+    about its own length and linear time. A line over `max_event_bytes` fails once that much of it is read.
+    """
+    pieces: list[bytes] = []
+    held = 0
     line_number = 1
-    while chunk := stream.read(CHUNK_BYTES):
-        lines = (tail + chunk).split(b"\n")
-        tail = lines.pop()
-        yield member, line_number, lines
+    read_size = MIN_READ_BYTES  # grows to CHUNK_BYTES at once unless the lines are tiny
+    while chunk := stream.read(min(read_size, max_event_bytes + 1 - held)):
+        end = chunk.rfind(b"\n")
+        if end < 0:
+            pieces.append(chunk)
+            held += len(chunk)
+            ensure_short(held, max_event_bytes, member, line_number)
+            continue
+        if held >= CHUNK_BYTES:  # a long line ends here: alone in its batch, so it is checked on its own
+            first_end = chunk.find(b"\n")
+            ensure_short(held + first_end, max_event_bytes, member, line_number)
+            pieces.append(chunk[:first_end])
+            long_line = b"".join(pieces)
+            pieces.clear()
+            yield member, line_number, without_boms([long_line])
+            line_number += 1
+            text = chunk[first_end + 1 : end]
+        else:
+            text = b"".join([*pieces, memoryview(chunk)[:end]])
+        lines = text.split(b"\n")
+        if len(text) > max_event_bytes:
+            for offset, line in enumerate(lines):
+                ensure_short(len(line), max_event_bytes, member, line_number + offset)
+        yield member, line_number, without_boms(lines) if UTF8_BOM in text else lines
         line_number += len(lines)
-    if tail:
-        yield member, line_number, [tail]
+        # Each line is a Python object of 40 bytes or more: a megabyte of tiny lines would cost tens of megabytes.
+        read_size = min(CHUNK_BYTES, max(MIN_READ_BYTES, len(text) * MAX_BATCH_LINES // len(lines)))
+        pieces = [chunk[end + 1 :]]
+        held = len(pieces[0])
+        ensure_short(held, max_event_bytes, member, line_number)
+    if held:
+        yield member, line_number, without_boms([b"".join(pieces)])
+
+
+def ensure_short(size: int, max_event_bytes: int, member: str, line_number: int) -> None:
+    if size > max_event_bytes:
+        raise ExportError(
+            f"{member} line {line_number}: longer than {max_event_bytes} bytes (--max-event-bytes); "
+            "raise the limit if such events are expected"
+        )
+
+
+def without_boms(lines: list[bytes]) -> list[bytes]:
+    """A UTF-8 byte-order mark is an encoding marker, not part of the event that follows it."""
+    return [line[len(UTF8_BOM):] if line.startswith(UTF8_BOM) else line for line in lines]
 
 
 def check_events(lines: list[bytes], member: str, first_line_number: int, parser) -> list[bytes]:
-    """The lines that are events, each checked to be one JSON object; blank lines are dropped."""
+    """The lines that are events, each checked to be one UTF-8 JSON object; blank lines are dropped."""
+    if len(lines) == 1 and len(lines[0]) > CHUNK_BYTES:
+        return [line for line in lines if is_long_event(line, member, first_line_number)]
     parse = parser.parse
     try:
         if all(type(parse(line)) is simdjson.Object for line in lines):
@@ -643,12 +805,31 @@ def is_event(line: bytes, member: str, number: int, parser) -> bool:
     except Exception:
         pass
     try:
-        value = json.loads(line, parse_constant=reject_constant)
+        # Decoded as UTF-8 first: json.loads would take UTF-16 and UTF-32 bytes too, which no JSON reader expects.
+        value = json.loads(line.decode("utf-8"), parse_constant=reject_constant)
     except (ValueError, RecursionError):
         value = None
     if isinstance(value, dict):
         return True
-    raise ExportError(f"{member} line {number}: not a JSON object: {line[:80]!r}")
+    raise not_an_event(member, number, line)
+
+
+def is_long_event(line: bytes, member: str, number: int) -> bool:
+    """A line of megabytes, checked without building its values: simdjson and json would need three times its size."""
+    try:
+        LONG_EVENT.decode(line)
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        view = memoryview(line)
+        for offset in range(0, len(view), CHUNK_BYTES):
+            decoder.decode(view[offset : offset + CHUNK_BYTES])
+        decoder.decode(b"", final=True)
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+        raise not_an_event(member, number, line) from None
+    return True
+
+
+def not_an_event(member: str, number: int, line: bytes) -> ExportError:
+    return ExportError(f"{member} line {number}: not a JSON object in UTF-8: {line[:80]!r}")
 
 
 def reject_constant(name: str):
@@ -676,12 +857,14 @@ class EventWriter:
     def write_events(self, lines: list[bytes]) -> None:
         if not lines:
             return
+        # Separators go apart from the lines: a batch of one long line is then never copied into a larger buffer.
         if self._array:
-            data = (b",\n" if self.events else b"[\n") + b",\n".join(lines)
+            self._encode(b",\n" if self.events else b"[\n")
+            self._encode(b",\n".join(lines))
         else:
-            data = b"\n".join(lines) + b"\n"
+            self._encode(b"\n".join(lines))
+            self._encode(b"\n")
         self.events += len(lines)
-        self._encode(data)
 
     def mark(self) -> tuple:
         self._close_member()
@@ -785,22 +968,36 @@ def put_in_place(temp_path: Path, target: Path) -> bool:
 def finish_interrupted_save(data_dir: Path, manifest: Path, records: list[dict]) -> list[dict]:
     """Record the file a killed run put in place without recording it; returns the records appended."""
     journal = data_dir / JOURNAL_NAME
-    if not journal.exists():
+    content = read_own_file(journal)
+    if content is None:
         return []
-    try:
-        record = json.loads(journal.read_bytes())
-        path = data_dir / record["file"]
-        complete = path.is_file() and path.stat().st_size == record["bytes"]
-    except (ValueError, KeyError, TypeError):
-        complete = False  # a journal torn while written: the rename it announced never happened
-    recorded = complete and any(r.get("file") == record["file"] and r.get("sha256") == record["sha256"] for r in records)
+    record = parse_journal(content)
     appended = []
-    if complete and not recorded:
+    if record is None:
+        # Torn while written (its rename never happened), or not written by this program at all.
+        log.warning("%s does not describe a file in the data folder; ignored", journal)
+    elif is_intact(record, data_dir) and not any(
+        r.get("file") == record["file"] and r.get("sha256") == record["sha256"] for r in records
+    ):
         log.warning("Recording %s, put in place by a run that stopped before recording it", record["file"])
         append_manifest(manifest, record)
         appended.append(record)
     journal.unlink()
     return appended
+
+
+def parse_journal(content: bytes) -> dict | None:
+    """The export record a journal holds, or None unless it has every field and names a plain file name."""
+    try:
+        record = json.loads(content)
+        parse_hour(record["start"], "start", last_hour=False)
+        parse_hour(record["end"], "end", last_hour=True)
+        sound = all(type(record[key]) is int and record[key] >= 0 for key in ("events", "bytes"))
+        sound = sound and re.fullmatch(r"[0-9a-f]{64}", str(record["sha256"])) is not None
+        sound = sound and is_plain_name(record["file"]) and isinstance(record["finished_at"], str)
+    except (ValueError, KeyError, TypeError, UsageError):
+        return None
+    return record if sound else None
 
 
 def output_names(settings: Settings, window: Window, several: bool):
@@ -887,21 +1084,21 @@ def manifest_record(finished: Finished, name: str, now: dt.datetime) -> dict:
 
 
 def append_manifest(manifest: Path, record: dict) -> None:
-    with open(manifest, "a", encoding="utf-8") as out:
-        out.write(json.dumps(record, separators=(",", ":")) + "\n")
+    with open_own_file(manifest, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "ab") as out:
+        out.write((json.dumps(record, separators=(",", ":")) + "\n").encode())
         out.flush()
         os.fsync(out.fileno())
 
 
 def read_manifest(manifest: Path) -> list[dict]:
     """The manifest's records; a line torn by a crash mid-append is cut off so the next append starts clean."""
-    if not manifest.exists():
+    content = read_own_file(manifest)
+    if content is None:
         return []
-    content = manifest.read_bytes()
     if content and not content.endswith(b"\n"):
         cut = content.rfind(b"\n") + 1
         log.warning("%s: removing an incomplete last line left by an interrupted run", manifest)
-        with open(manifest, "r+b") as fix:
+        with open_own_file(manifest, os.O_RDWR, "r+b") as fix:
             fix.truncate(cut)
             os.fsync(fix.fileno())
         content = content[:cut]
@@ -931,9 +1128,12 @@ def exported_hours(records: list[dict], data_dir: Path) -> set[dt.datetime]:
 
 
 def is_intact(record: dict, data_dir: Path) -> bool:
-    """An export line whose file is still in the data folder with the size it was recorded with."""
-    path = data_dir / record["file"]
-    return "bytes" in record and path.is_file() and path.stat().st_size == record["bytes"]
+    """An export line whose file is still in the data folder, a regular file (no link) of the recorded size."""
+    try:
+        found = os.lstat(data_dir / record["file"])
+    except OSError:
+        return False
+    return "bytes" in record and stat.S_ISREG(found.st_mode) and found.st_size == record["bytes"]
 
 
 def remove_temp_files(data_dir: Path, quiet: bool = False) -> None:
@@ -972,7 +1172,7 @@ def leave_signals_to_main_thread() -> None:
 def hold_lock(data_dir: Path):
     """One run per data folder; the kernel drops the lock when a run dies, so a crash never blocks the next."""
     lock_path = data_dir / LOCK_NAME
-    with open(lock_path, "a+") as lock_file:
+    with open_own_file(lock_path, os.O_RDWR | os.O_CREAT, "r+") as lock_file:
         try:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -1052,10 +1252,38 @@ def ensure_folder(path: Path) -> Path:
 
 
 def write_durably(path: Path, content: bytes) -> None:
-    with open(path, "wb") as out:
+    with open_own_file(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "wb") as out:
         out.write(content)
         out.flush()
         os.fsync(out.fileno())
+
+
+def open_own_file(path: Path, flags: int, mode: str):
+    """Open one of the exporter's own files (lock, manifest, journal) in the data folder, never through a link.
+
+    A symbolic link planted there would make a run write, truncate or upload a file outside the folder; a FIFO
+    would hang it. Both are refused before a byte is read or written.
+    """
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ExportError(f"{path} is a symbolic link; remove it: the exporter does not follow links there") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ExportError(f"{path} is not a regular file; remove it")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, mode)
+
+
+def read_own_file(path: Path) -> bytes | None:
+    """The content of one of the exporter's own files, or None when there is none."""
+    try:
+        with open_own_file(path, os.O_RDONLY, "rb") as source:
+            return source.read()
+    except FileNotFoundError:
+        return None
 
 
 def fsync_folder(path: Path) -> None:
@@ -1066,19 +1294,74 @@ def fsync_folder(path: Path) -> None:
         os.close(fd)
 
 
-def first_line_of(response) -> str:
+def body_start(response) -> str:
     try:
-        text = response.raw.read(4096, decode_content=True).decode("utf-8", "replace")
-    except Exception:
+        return response.raw.read(ERROR_BODY_BYTES, decode_content=True).decode("utf-8", "replace")
+    except Exception:  # an error body we cannot read still leaves its status to act on
         return ""
-    return text.strip().splitlines()[0][:ERROR_BODY_CHARS] if text.strip() else ""
 
 
-def retry_after_seconds(headers) -> float:
+def retry_after_seconds(headers, now: dt.datetime) -> float:
+    """Retry-After in seconds, given as a number or as an HTTP date; 0 when absent or unreadable."""
+    value = str(headers.get("Retry-After", "")).strip()
     try:
-        return max(0.0, float(headers.get("Retry-After", 0)))
-    except (TypeError, ValueError):
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
         return 0.0
+    when = when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+    return max(0.0, (when - now).total_seconds())
+
+
+def describe_failure(exc: requests.RequestException, settings: Settings) -> str:
+    """A failed connection in words: the host, and what went wrong (DNS, refused, TLS, timeout, reset, cut short)."""
+    host = urllib.parse.urlsplit(settings.base_url).netloc
+    causes = exception_chain(exc)
+
+    def caused_by(*kinds) -> BaseException | None:
+        return next((cause for cause in causes if isinstance(cause, kinds)), None)
+
+    if caused_by(socket.gaierror) or "NameResolutionError" in {type(c).__name__ for c in causes}:
+        return f"the name {host} could not be resolved (DNS)"
+    if caused_by(requests.exceptions.ConnectTimeout):
+        return f"no connection to {host} within {CONNECT_TIMEOUT:g}s (timeout)"
+    if caused_by(requests.exceptions.ReadTimeout, socket.timeout):
+        return f"{host} sent nothing for {settings.read_timeout:g}s (read timeout)"
+    if caused_by(ConnectionRefusedError):
+        return f"{host} refused the connection"
+    certificate = caused_by(ssl.SSLCertVerificationError)
+    if certificate:
+        return f"the TLS certificate of {host} was rejected ({certificate.verify_message})"
+    if caused_by(ssl.SSLError, requests.exceptions.SSLError):
+        return f"TLS error with {host} ({first_text_line(caused_by(ssl.SSLError) or exc)})"
+    if caused_by(ConnectionResetError, BrokenPipeError):
+        return f"{host} reset the connection"
+    if caused_by(requests.exceptions.ChunkedEncodingError, http.client.IncompleteRead) or \
+            "ProtocolError" in {type(c).__name__ for c in causes}:
+        return f"{host} closed the connection before the whole body arrived (body cut short)"
+    return f"connection to {host} failed ({type(exc).__name__}: {first_text_line(exc)})"
+
+
+def exception_chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and everything it wraps: requests wraps urllib3, which wraps the socket's own error."""
+    found: list[BaseException] = []
+    todo = [exc]
+    while todo:
+        current = todo.pop()
+        if any(current is seen for seen in found):
+            continue
+        found.append(current)
+        wrapped = [current.__cause__, current.__context__, getattr(current, "reason", None), *current.args]
+        todo += [inner for inner in wrapped if isinstance(inner, BaseException)]
+    return found
+
+
+def first_text_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:ERROR_BODY_CHARS] if text else type(exc).__name__
 
 
 # Pure helpers: time arithmetic and naming.
@@ -1154,8 +1437,48 @@ def plan_missing(windows, covered: set[dt.datetime]) -> list[Window]:
     return missing
 
 
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost, with or without a port: the only hosts plain http may carry the keys to."""
+    try:
+        name = urllib.parse.urlsplit(f"//{host}").hostname or ""
+        return name == "localhost" or ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 def is_plain_name(name) -> bool:
     return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+
+
+def sort_members(members: list[zipfile.ZipInfo]) -> tuple[list[zipfile.ZipInfo], list[str]]:
+    """The data members in hour order, and the names of the others (folders excepted)."""
+    data, skipped = [], []
+    for member in members:
+        if member.is_dir():
+            continue
+        is_data = member.filename.lower().endswith((".json", ".json.gz")) and not NOT_DATA_MEMBER.search(member.filename)
+        (data if is_data else skipped).append(member if is_data else member.filename)
+    return sorted(data, key=lambda m: member_order_key(m.filename)), skipped
+
+
+def members_outside(members: list[zipfile.ZipInfo], span: Window) -> list[str]:
+    """Names of members whose name gives an hour outside `span`."""
+    outside = []
+    for member in members:
+        hour = member_hour(member.filename)
+        if hour is not None and not span.start <= hour <= span.end:
+            outside.append(member.filename)
+    return outside
+
+
+def member_hour(name: str) -> dt.datetime | None:
+    found = MEMBER_NAME.search(name)
+    if not found:
+        return None
+    try:
+        return dt.datetime.strptime(found.group(1), "%Y-%m-%d").replace(tzinfo=dt.UTC) + int(found.group(2)) * HOUR
+    except ValueError:
+        return None
 
 
 def member_order_key(name: str) -> tuple:

@@ -1,5 +1,6 @@
 """Logging for fetch_data.py: one timestamped file per run, mirrored to stderr."""
 
+import contextlib
 import datetime as dt
 import logging
 import sys
@@ -15,7 +16,7 @@ def setup_logging(log_outpath="logs", log_level=logging.INFO, now=None):
     folder.mkdir(parents=True, exist_ok=True)
     log_file = folder / f"log_{now:%Y%m%d_%H%M%S}.log"
     formatter = logging.Formatter(LOG_FORMAT)
-    handlers = [logging.FileHandler(log_file, encoding="utf-8"), logging.StreamHandler(sys.stderr)]
+    handlers = [LogFileHandler(log_file, encoding="utf-8"), logging.StreamHandler(sys.stderr)]
     root = logging.getLogger()
     for old in root.handlers[:]:
         root.removeHandler(old)
@@ -29,3 +30,32 @@ def setup_logging(log_outpath="logs", log_level=logging.INFO, now=None):
     # The Azure SDK logs every request and its headers at INFO: too much for an audit log.
     logging.getLogger("azure").setLevel(max(log_level, logging.WARNING))
     return log_file
+
+
+class LogFileHandler(logging.FileHandler):
+    """The log file, which gives up quietly when it cannot be written (disk full, file system gone).
+
+    logging's default answer to a failed write is a traceback on stderr for every later line; the run itself is
+    fine and stderr still gets every line, so say it once and carry on without the file.
+    """
+
+    failed = False
+
+    def emit(self, record):
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record):
+        if self.failed:
+            return
+        self.failed = True
+        reason = sys.exc_info()[1]
+        logging.getLogger("fetch_data").error(
+            "Cannot write the log file %s (%s); logging to stderr only", self.baseFilename,
+            getattr(reason, "strerror", None) or reason,
+        )
+
+    def close(self):
+        # The buffered lines that could not be written cannot be written now either.
+        with contextlib.suppress(OSError):
+            super().close()

@@ -138,15 +138,15 @@ import os, subprocess, sys, time
 began = time.perf_counter()
 child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
 _, status, usage = os.wait4(child.pid, 0)
-print(time.perf_counter() - began, usage.ru_maxrss, status)
+print(time.perf_counter() - began, usage.ru_maxrss, os.waitstatus_to_exitcode(status))
 """
 
 
-def run_measured(command: list[str], env: dict) -> tuple[float, float]:
+def run_measured(command: list[str], env: dict, expected_status: int = 0) -> tuple[float, float]:
     """Wall seconds and peak RSS in MB (wait4's ru_maxrss: the command and the children it waited for)."""
     launched = subprocess.run([sys.executable, "-c", LAUNCHER, *command], env=env, capture_output=True, text=True)
     wall, max_rss_kb, status = launched.stdout.split()
-    if int(status) != 0:
+    if int(status) != expected_status:
         raise SystemExit(f"{command[:3]} failed: {launched.stderr[-2000:]}")
     return round(float(wall), 3), round(int(max_rss_kb) / 1024, 1)
 

@@ -156,7 +156,24 @@ def test_an_unreachable_server_is_retried_then_fails_cleanly(cli):
         closed_port = probe.getsockname()[1]
     result = cli.run(*DAY, "--max-attempts", "2", AMP_BASE_URL=f"http://127.0.0.1:{closed_port}")
     assert result.returncode == 1
-    assert "connection failed" in result.stderr and "Max fetch attempts reached" in result.stderr
+    assert f"127.0.0.1:{closed_port} refused the connection; waiting 0s before attempt 2" in result.stderr
+    assert "Max fetch attempts reached" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_host_that_does_not_resolve_is_named_with_the_cause(cli):
+    result = cli.run(*DAY, "--max-attempts", "1", AMP_BASE_URL="https://no-such-host.invalid")
+    assert result.returncode == 1
+    assert "last error: the name no-such-host.invalid could not be resolved (DNS)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_tls_failure_is_named_with_the_cause(cli, standin):
+    # https:// to the stand-in's plain-HTTP port: the TLS handshake fails.
+    https_url = standin.base_url.replace("http://", "https://")
+    result = cli.run(*DAY, "--max-attempts", "1", AMP_BASE_URL=https_url)
+    assert result.returncode == 1
+    assert f"last error: TLS error with {https_url.removeprefix('https://')} (" in result.stderr
     assert "Traceback" not in result.stderr
 
 

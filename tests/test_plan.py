@@ -168,6 +168,11 @@ def test_secrets_stay_out_of_the_settings_repr():
         ([], {"AMP_REGION": "US"}, "https://amplitude.com"),
         (["--base-url", "http://127.0.0.1:9/"], {"AMP_REGION": "us"}, "http://127.0.0.1:9"),
         ([], {"AMP_BASE_URL": "https://proxy.example/amp"}, "https://proxy.example/amp"),
+        (["--base-url", "https://analytics.eu.amplitude.com/api/2/export"], {}, "https://analytics.eu.amplitude.com"),
+        (["--base-url", "https://proxy.example/amp/api/2/export/"], {}, "https://proxy.example/amp"),
+        (["--base-url", "http://localhost:8080"], {}, "http://localhost:8080"),
+        (["--base-url", "http://[::1]:8080/api/2/export"], {}, "http://[::1]:8080"),
+        (["--base-url", "http://127.8.9.1"], {}, "http://127.8.9.1"),
     ],
 )
 def test_base_url_from_region_or_override(argv, env, expected):
@@ -199,6 +204,12 @@ def test_a_flag_wins_over_its_environment_variable():
         (["--region", "asia"], {}, "--region: must be one of eu, us"),
         (["--base-url", "ftp://x"], {}, "expected an http"),
         (["--base-url", "https://user:pw@host"], {}, "without credentials"),
+        (["--base-url", "http://analytics.eu.amplitude.com"], {}, "unencrypted to analytics.eu.amplitude.com"),
+        (["--base-url", "http://10.0.0.5:8080"], {}, "use https://"),
+        (["--base-url", "http://localhost.evil.example"], {}, "use https://"),
+        (["--base-url", "https://host/x?start=1"], {}, "without credentials, query"),
+        (["--attempt-timeout", "0"], {}, "--attempt-timeout: must be between"),
+        ([], {"AMP_MAX_EVENT_BYTES": "lots"}, "AMP_MAX_EVENT_BYTES: expected a whole number"),
         (["--log-level", "LOUD"], {}, "--log-level: must be one of"),
         (["--data-outfile", "../x"], {}, "--data-outfile: use letters"),
         (["--bogus"], {}, "unrecognized arguments: --bogus"),
@@ -214,32 +225,74 @@ def test_the_end_may_be_the_last_finished_hour():
     assert [w.label for w in settings.windows] == ["20251106T20-20251107T00"]
 
 
+URL = "https://analytics.eu.amplitude.com/api/2/export"
+TOO_LARGE = "The file size of the exported data is too large. Shorten the time ranges and try again."
+
+
+def answer(status, headers=None, body=""):
+    return fd.Answer(status, headers or {}, body, URL)
+
+
 @pytest.mark.parametrize(
-    "status, headers, delay, expected",
+    "status, headers, body, delay, expected",
     [
-        (503, {}, 1, ("Retryable", 1)),
-        (500, {}, 0.5, ("Retryable", 0.5)),
-        (429, {}, 1, ("Retryable", 2)),
-        (429, {"Retry-After": "7"}, 1, ("Retryable", 7)),
-        (429, {"Retry-After": "1"}, 1, ("Retryable", 2)),
-        (429, {"Retry-After": "3600"}, 1, ("Retryable", 60)),
-        (429, {"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}, 1, ("Retryable", 2)),
-        (400, {}, 1, ("TooLarge", None)),
-        (401, {}, 1, ("ExportError", None)),
-        (403, {}, 1, ("ExportError", None)),
-        (418, {}, 1, ("ExportError", None)),
+        (503, {}, "", 1, ("Retryable", 1)),
+        (500, {}, "", 0.5, ("Retryable", 0.5)),
+        (429, {}, "", 1, ("Retryable", 2)),
+        (429, {"Retry-After": "7"}, "", 1, ("Retryable", 7)),
+        (429, {"Retry-After": "1"}, "", 1, ("Retryable", 2)),
+        (429, {"Retry-After": "3600"}, "", 1, ("Retryable", 60)),
+        (429, {"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}, "", 1, ("Retryable", 2)),
+        (429, {"Retry-After": "soon"}, "", 1, ("Retryable", 2)),
+        (400, {}, TOO_LARGE, 1, ("TooLarge", None)),
+        (400, {}, "Invalid start or end parameter", 1, ("ExportError", None)),
+        (400, {}, "", 1, ("ExportError", None)),
+        (401, {}, "", 1, ("ExportError", None)),
+        (403, {}, "", 1, ("ExportError", None)),
+        (404, {}, "<html><body>404 Not Found</body></html>", 1, ("ExportError", None)),
+        (404, {}, "", 1, ("ExportError", None)),
+        (302, {"Location": "https://elsewhere.example/login"}, "", 1, ("ExportError", None)),
+        (418, {}, "", 1, ("ExportError", None)),
     ],
 )
-def test_classify_decides_retry_split_or_fail(status, headers, delay, expected):
+def test_classify_decides_retry_split_or_fail(status, headers, body, delay, expected):
     with pytest.raises(Exception) as caught:
-        fd.classify(status, headers, "", delay)
+        fd.classify(answer(status, headers, body), delay)
     assert type(caught.value).__name__ == expected[0]
     assert getattr(caught.value, "wait", None) == expected[1]
 
 
-@pytest.mark.parametrize("status, expected", [(200, "ok"), (404, "empty")])
-def test_classify_success_and_empty(status, expected):
-    assert fd.classify(status, {}, "", 1) == expected
+def test_retry_after_as_an_http_date_is_the_time_until_then():
+    now = dt.datetime(2025, 11, 7, 3, 30, tzinfo=dt.UTC)
+    assert fd.retry_after_seconds({"Retry-After": "Fri, 07 Nov 2025 03:30:25 GMT"}, now) == 25
+    assert fd.retry_after_seconds({"Retry-After": "Fri, 07 Nov 2025 03:00:00 GMT"}, now) == 0
+    assert fd.retry_after_seconds({}, now) == 0
+
+
+def test_a_404_that_is_not_amplitudes_no_data_names_the_url_and_the_settings():
+    with pytest.raises(fd.ExportError) as caught:
+        fd.classify(answer(404, body="<html>\n<head><title>404 Not Found</title></head>"), 1)
+    assert str(caught.value) == (
+        f"HTTP 404 for {URL} is not Amplitude's 'no data' answer (<html>): check --base-url (AMP_BASE_URL) and --region"
+    )
+
+
+def test_a_redirect_names_the_status_and_the_host_it_points_to():
+    with pytest.raises(fd.ExportError, match=r"^HTTP 301: .* redirects to evil\.example; redirects are not followed"):
+        fd.classify(answer(301, {"Location": "http://evil.example:8080/api/2/export?x=1"}), 1)
+
+
+def test_a_400_that_is_not_too_large_fails_with_its_first_line():
+    with pytest.raises(fd.ExportError, match=r"^Amplitude answered HTTP 400: Invalid start or end parameter$"):
+        fd.classify(answer(400, body="Invalid start or end parameter\nmore"), 1)
+
+
+@pytest.mark.parametrize(
+    "status, body, expected",
+    [(200, "", "ok"), (404, "Raw data files were not found.", "empty"), (404, "Raw data files were not found", "empty")],
+)
+def test_classify_success_and_empty(status, body, expected):
+    assert fd.classify(answer(status, body=body), 1) == expected
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,400 @@
+"""Hostile servers, odd archives and stray files: no hour lost, no night hung, nothing touched outside the data folder.
+
+Each test runs fetch_data.py as a subprocess against the stand-in over a real socket, as a user would.
+"""
+
+import datetime as dt
+import gzip
+import hashlib
+import io
+import json
+import re
+import time
+
+import pytest
+
+import fetch_data as fd
+from amplitude_standin import NOT_FOUND_TEXT, build_archive, member_name
+from tests.conftest import as_array, hour
+
+DAY = ("--date", "2025-11-01")
+DAY_START, DAY_END = hour("20251101T00"), hour("20251101T23")
+TWO_DAYS = ("--start", "2025-11-01", "--end", "2025-11-02")
+
+
+def packed(hour_text: str, part: int, content: bytes, compress=True) -> tuple[str, bytes]:
+    return member_name(hour(hour_text), part), gzip.compress(content) if compress else content
+
+
+def only_output(cli):
+    outputs = cli.outputs()
+    assert len(outputs) == 1, outputs
+    return outputs[0]
+
+
+# 1. A 404 that is not Amplitude's "no data"
+
+
+@pytest.mark.parametrize(
+    "body",
+    ["<html><head><title>404 Not Found</title></head><body>nginx</body></html>", '{"message":"Not Found"}', ""],
+)
+def test_a_404_that_is_not_no_data_fails_and_the_next_run_exports_the_hours(cli, standin, body):
+    standin.add_fault(404, body=body)
+    result = cli.run(*DAY)
+    assert result.returncode == 1
+    assert f"HTTP 404 for {standin.base_url}/api/2/export is not Amplitude's 'no data' answer" in result.stderr
+    assert "check --base-url (AMP_BASE_URL) and --region" in result.stderr
+    assert cli.manifest() == [] and cli.outputs() == []
+    result = cli.run(*DAY)
+    assert result.returncode == 0, result.stderr
+    assert only_output(cli).read_bytes() == as_array(standin.expected_lines(DAY_START, DAY_END))
+
+
+def test_a_wrong_base_url_path_is_never_an_empty_export(cli, standin):
+    result = cli.run(*DAY, AMP_BASE_URL=standin.base_url + "/v1")
+    assert result.returncode == 1
+    assert f"HTTP 404 for {standin.base_url}/v1/api/2/export is not Amplitude's 'no data' answer" in result.stderr
+    assert cli.manifest() == []
+
+
+def test_a_base_url_that_already_ends_in_the_export_path_is_taken_as_the_host(cli, standin):
+    result = cli.run(*DAY, AMP_BASE_URL=standin.base_url + "/api/2/export/")
+    assert result.returncode == 0, result.stderr
+    assert [r["path"] for r in standin.requests] == ["/api/2/export"]
+
+
+def test_amplitudes_own_404_is_still_an_empty_window(cli, standin):
+    standin.add_fault(404, body=NOT_FOUND_TEXT)
+    result = cli.run(*DAY)
+    assert result.returncode == 0, result.stderr
+    assert only_output(cli).read_bytes() == b"[]\n"
+
+
+# 2. Bounded lines
+
+
+def test_a_line_longer_than_max_event_bytes_fails_naming_member_and_line(cli, standin):
+    long_line = b'{"event_type":"x","blob":"' + b"a" * 5000 + b'"}'
+    standin.add_fault("members", members=[packed("20251101T03", 0, b'{"a":1}\n{"b":2}\n' + long_line + b"\n")])
+    result = cli.run(*DAY, "--max-event-bytes", "4096")
+    assert result.returncode == 1
+    assert f"{member_name(hour('20251101T03'), 0)} line 3: longer than 4096 bytes (--max-event-bytes)" in result.stderr
+    assert len(standin.requests) == 1  # not retried: the same archive would fail the same way
+    assert cli.outputs() == [] and cli.leftovers() == []
+
+
+def test_a_line_at_the_limit_passes(cli, standin):
+    line = b'{"blob":"' + b"a" * (4096 - 11) + b'"}'
+    assert len(line) == 4096
+    standin.add_fault("members", members=[packed("20251101T03", 0, line + b"\n")])
+    result = cli.run(*DAY, AMP_MAX_EVENT_BYTES="4096")
+    assert result.returncode == 0, result.stderr
+    assert only_output(cli).read_bytes() == as_array([line])
+
+
+class CountingStream:
+    """A member that never ends a line: counts what the reader takes from it."""
+
+    def __init__(self, limit=10**9):
+        self.taken = 0
+        self.limit = limit
+
+    def read(self, size):
+        size = min(size, self.limit - self.taken)
+        self.taken += size
+        return b"a" * size
+
+
+def test_a_line_that_never_ends_is_refused_after_reading_at_most_the_limit():
+    stream = CountingStream()
+    with pytest.raises(fd.ExportError, match="m.json.gz line 1: longer than 3000000 bytes"):
+        list(fd.read_lines(stream, "m.json.gz", 3_000_000))
+    assert stream.taken == 3_000_001
+
+
+def test_long_lines_are_joined_once_and_alone_in_their_batch():
+    long_line = b'{"k":"' + b"x" * (3 * fd.CHUNK_BYTES) + b'"}'
+    content = b'{"a":1}\n' + long_line + b'\n{"b":2}\n{"c":3}'
+    batches = list(fd.read_lines(io.BytesIO(content), "m", 10 * fd.CHUNK_BYTES))
+    assert [line for _, _, lines in batches for line in lines] == [b'{"a":1}', long_line, b'{"b":2}', b'{"c":3}']
+    assert ("m", 2, [long_line]) in batches
+    assert fd.check_events([long_line], "m", 2, None) == [long_line]
+    with pytest.raises(fd.ExportError, match="m line 2: not a JSON object in UTF-8"):
+        fd.check_events([long_line[:-1]], "m", 2, None)
+    with pytest.raises(fd.ExportError, match="m line 2: not a JSON object in UTF-8"):
+        fd.check_events([long_line[:100] + b"\xff" + long_line[100:]], "m", 2, None)
+
+
+# 3. A damaged archive never stops the run
+
+
+def patched_archive(name: str, flag_bits=0, method=None, raw_name: bytes | None = None) -> bytes:
+    """A one-member zip with its header fields set as a broken or exotic zip tool would set them."""
+    body = build_archive([(name, gzip.compress(b'{"a":1}\n'))])
+    central = body.rindex(b"PK\x01\x02")
+    # Local header: flags at offset 6, method at 8; central directory entry: flags at 8, method at 10.
+    for local_offset, central_offset, value in ((6, 8, flag_bits or None), (8, 10, method)):
+        if value is not None:
+            for offset in (local_offset, central + central_offset):
+                body = body[:offset] + value.to_bytes(2, "little") + body[offset + 2 :]
+    if raw_name is not None:
+        body = body.replace(name.encode(), raw_name)
+    return body
+
+
+@pytest.mark.parametrize(
+    "body, reason",
+    [
+        (patched_archive(member_name(hour("20251101T01"), 0), flag_bits=0x1), "encrypted"),
+        (patched_archive(member_name(hour("20251101T01"), 0), method=99), "NotImplementedError"),
+        (patched_archive("187520/187520_2025-11-01_1#0.json.gz", flag_bits=0x800,
+                         raw_name=b"187520/187520_2025-11-01_\xff#0.json.gz"), "UnicodeDecodeError"),
+    ],
+    ids=["encrypted", "unknown-compression", "undecodable-name"],
+)
+def test_a_damaged_archive_is_retried_then_fails_its_window_and_the_others_go_on(cli, standin, body, reason):
+    standin.add_fault("body", start="20251101T00", body=body, times=3)
+    result = cli.run(*TWO_DAYS, "--max-attempts", "3")
+    assert result.returncode == 1
+    assert result.stderr.count("the archive is damaged") >= 3
+    assert result.stderr.count("; waiting 0s before attempt") == 2
+    assert re.search(rf"Failed window 20251101T00-20251101T23: Max fetch attempts reached .*{reason}", result.stderr)
+    assert "1 window(s) exported" in result.stderr and "1 failed" in result.stderr
+    assert [r["start"] for r in cli.manifest()] == ["20251102T00"]
+    assert "Traceback" not in result.stderr
+    assert cli.leftovers() == []
+
+
+# 4. Members
+
+
+def test_plain_members_are_read_odd_members_skipped_and_stray_hours_flagged(cli, standin):
+    plain = packed("20251101T02", 0, b'{"n":2}\n', compress=False)
+    plain_named_json = ("187520/187520_2025-11-01_3#0.json", b'{"n":3}\n')
+    stray = packed("20251105T07", 0, b'{"n":9}\n')
+    members = [
+        packed("20251101T01", 0, b'{"n":1}\n'), plain, plain_named_json, stray,
+        ("readme.txt", b"not data"), ("__MACOSX/187520/._187520_2025-11-01_1#0.json.gz", b"\x00\x05\x16\x07"),
+    ]
+    standin.add_fault("members", members=members)
+    result = cli.run(*DAY)
+    assert result.returncode == 0, result.stderr
+    assert only_output(cli).read_bytes() == as_array([b'{"n":1}', b'{"n":2}', b'{"n":3}', b'{"n":9}'])
+    assert "skipping archive member readme.txt, not a data file" in result.stderr
+    assert "skipping archive member __MACOSX/187520/._187520_2025-11-01_1#0.json.gz" in result.stderr
+    assert f"archive member {stray[0]} is named for an hour outside the window; exporting it" in result.stderr
+
+
+# 5. Valid JSON out, always
+
+
+def test_byte_order_marks_are_dropped_and_the_output_parses(cli, standin):
+    bom = b"\xef\xbb\xbf"
+    standin.add_fault("members", members=[
+        packed("20251101T01", 0, bom + b'{"n":1}\n' + bom + b'{"n":2}\n{"n":"\xef\xbb\xbf kept inside"}\n'),
+        packed("20251101T02", 0, bom + b'{"n":3}\n', compress=False),
+    ])
+    result = cli.run(*DAY)
+    assert result.returncode == 0, result.stderr
+    content = only_output(cli).read_bytes()
+    assert content == as_array([b'{"n":1}', b'{"n":2}', b'{"n":"\xef\xbb\xbf kept inside"}', b'{"n":3}'])
+    assert [event["n"] for event in json.loads(content)][:2] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        '{"city":"München"}'.encode("utf-16"),
+        '{"city":"München"}'.encode("utf-16-le"),
+        '{"city":"München"}'.encode("utf-32"),
+        b'{"city":"M\xfcnchen"}',  # latin-1
+        b'{"a":"\xed\xa0\x80"}',  # an encoded surrogate is not UTF-8
+    ],
+    ids=["utf-16", "utf-16-le", "utf-32", "latin-1", "surrogate"],
+)
+def test_a_line_that_is_not_utf8_json_fails_naming_member_and_line(cli, standin, line):
+    standin.add_fault("members", members=[packed("20251101T04", 1, b'{"ok":1}\n' + line + b"\n")])
+    result = cli.run(*DAY, "--format", "jsonl")
+    assert result.returncode == 1
+    assert f"{member_name(hour('20251101T04'), 1)} line 2: not a JSON object in UTF-8" in result.stderr
+    assert cli.outputs() == []
+
+
+# 6. A deadline for every attempt
+
+
+def test_a_server_that_trickles_is_abandoned_at_the_attempt_timeout_and_retried(cli, standin):
+    standin.add_fault("trickle", seconds=0.05)
+    began = time.monotonic()
+    result = cli.run(*DAY, "--attempt-timeout", "1.5", "--read-timeout", "1")
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - began < 20
+    assert "no whole answer within 1.5s (--attempt-timeout); attempt abandoned; waiting 0s before attempt 2" in result.stderr
+    assert only_output(cli).read_bytes() == as_array(standin.expected_lines(DAY_START, DAY_END))
+    assert cli.leftovers() == []
+    assert cli.run(*DAY, "--refetch").returncode == 0  # the lock was released
+
+
+def test_an_attempt_timeout_on_every_attempt_fails_the_window(cli, standin):
+    standin.add_fault("trickle", seconds=0.05, times=2)
+    result = cli.run(*DAY, "--max-attempts", "2", AMP_ATTEMPT_TIMEOUT="0.5")
+    assert result.returncode == 1
+    assert "Max fetch attempts reached" in result.stderr and "--attempt-timeout" in result.stderr
+    assert cli.outputs() == [] and cli.leftovers() == []
+
+
+# 7. Only the data folder
+
+
+def exported_record(cli, **changes) -> dict:
+    assert cli.run(*DAY).returncode == 0
+    record = cli.manifest()[0]
+    return {**record, **changes}
+
+
+def test_a_journal_naming_a_file_outside_the_data_folder_is_ignored(cli, standin, tmp_path):
+    outside = tmp_path / "secret.json"
+    outside.write_bytes(b"[]\n")
+    journal = {"start": "20251102T00", "end": "20251102T23", "file": str(outside), "events": 0, "bytes": 3,
+               "sha256": hashlib.sha256(b"[]\n").hexdigest(), "finished_at": "2025-11-03T00:00:00Z"}
+    cli.data.mkdir()
+    (cli.data / ".ampl-commit.json").write_text(json.dumps(journal))
+    result = cli.run(*TWO_DAYS)
+    assert result.returncode == 0, result.stderr
+    assert ".ampl-commit.json does not describe a file in the data folder; ignored" in result.stderr
+    assert all(str(outside) not in json.dumps(r) for r in cli.manifest())
+    assert [r["start"] for r in cli.manifest()] == ["20251101T00", "20251102T00"]
+    assert outside.read_bytes() == b"[]\n"
+
+
+@pytest.mark.parametrize("missing", ["sha256", "bytes", "file", "events"])
+def test_a_journal_missing_a_field_is_ignored_without_a_traceback(cli, standin, missing):
+    record = exported_record(cli)
+    (cli.data / "manifest.jsonl").write_text("")
+    del record[missing]
+    (cli.data / ".ampl-commit.json").write_text(json.dumps(record))
+    result = cli.run(*DAY)
+    assert result.returncode == 0, result.stderr
+    assert "does not describe a file in the data folder; ignored" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("name", [".lock", "manifest.jsonl", ".ampl-commit.json"])
+def test_a_symbolic_link_among_the_exporters_own_files_is_refused(cli, standin, tmp_path, name):
+    target = tmp_path / "precious.txt"
+    target.write_bytes(b"do not touch\n")
+    cli.data.mkdir()
+    (cli.data / name).symlink_to(target)
+    result = cli.run(*DAY)
+    assert result.returncode == 1
+    assert f"{name} is a symbolic link; remove it" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert target.read_bytes() == b"do not touch\n"
+
+
+def test_a_journal_link_is_refused_when_the_window_is_saved_too(cli, standin, tmp_path):
+    """The journal is written just before the rename: a link planted there is never followed."""
+    target = tmp_path / "precious.txt"
+    target.write_bytes(b"do not touch\n")
+    standin.answer_delay = 1.0
+    process = cli.start(*DAY)
+    deadline = time.monotonic() + 10
+    while not (cli.data / ".lock").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    (cli.data / ".ampl-commit.json").symlink_to(target)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert ".ampl-commit.json is a symbolic link; remove it" in stderr
+    assert target.read_bytes() == b"do not touch\n"
+
+
+@pytest.mark.parametrize("replacement", ["symlink", "directory"])
+def test_a_data_file_replaced_by_a_link_or_a_folder_is_not_exported(cli, standin, tmp_path, replacement):
+    record = exported_record(cli)
+    path = cli.data / record["file"]
+    copy = tmp_path / "copy.json"
+    copy.write_bytes(path.read_bytes())
+    path.unlink()
+    if replacement == "symlink":
+        path.symlink_to(copy)
+    else:
+        path.mkdir()
+        (path / "filler").write_bytes(b"x" * record["bytes"])
+    standin.requests.clear()
+    result = cli.run(*DAY)
+    assert result.returncode == 0, result.stderr
+    assert len(standin.requests) == 1
+    assert copy.read_bytes() == as_array(standin.expected_lines(DAY_START, DAY_END))
+
+
+# 8. HTTP
+
+
+def test_plain_http_to_another_host_is_a_usage_error(cli, standin):
+    result = cli.run(*DAY, AMP_BASE_URL="http://analytics.eu.amplitude.com")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "Error: AMP_BASE_URL: the keys would travel unencrypted to analytics.eu.amplitude.com; "
+        "use https:// (http:// is for 127.0.0.1 only)"
+    ]
+    assert standin.requests == []
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_a_redirect_is_not_followed_and_fails_naming_where_it_pointed(cli, standin, status):
+    standin.add_fault(status, headers={"Location": "https://collector.example.net/steal"})
+    result = cli.run(*DAY)
+    assert result.returncode == 1
+    assert f"HTTP {status}: {standin.base_url}/api/2/export redirects to collector.example.net" in result.stderr
+    assert len(standin.requests) == 1
+    assert cli.manifest() == []
+
+
+def test_a_400_that_is_not_too_large_fails_at_once_without_splitting(cli, standin):
+    standin.add_fault(400, body="Invalid parameter: start\nmore")
+    result = cli.run(*DAY)
+    assert result.returncode == 1
+    assert "Amplitude answered HTTP 400: Invalid parameter: start" in result.stderr
+    assert len(standin.requests) == 1
+
+
+def test_retry_after_as_an_http_date_is_honoured(cli, standin):
+    when = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=30)
+    standin.add_fault(429, retry_after=when.strftime("%a, %d %b %Y %H:%M:%S GMT"))
+    process = cli.start(*DAY)
+    time.sleep(3)
+    assert process.poll() is None  # still waiting: not the 2 x 0 s a missing Retry-After would give
+    process.kill()
+    _, stderr = process.communicate(timeout=10)
+    assert re.search(r"rate limit exceeded \(HTTP 429\); waiting (2[6-9]|30)(\.\d+)?s before attempt 2", stderr), stderr
+
+
+# 10. A log file that cannot be written
+
+
+def test_a_log_file_that_cannot_be_written_leaves_the_run_and_its_exit_code_alone(cli, standin):
+    cli.logs.mkdir()
+    now = dt.datetime.now(dt.UTC)
+    for second in range(-2, 30):  # the log's name is the start second: every name the run may take is a full disk
+        name = f"log_{now + dt.timedelta(seconds=second):%Y%m%d_%H%M%S}.log"
+        (cli.logs / name).symlink_to("/dev/full")
+    result = cli.run(*DAY)
+    assert result.returncode == 0, result.stderr
+    assert "Logging error" not in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.count("Cannot write the log file") == 1
+    assert "No space left on device); logging to stderr only" in result.stderr
+    assert "Summary:" in result.stderr
+    assert only_output(cli).read_bytes() == as_array(standin.expected_lines(DAY_START, DAY_END))
+
+
+def test_the_log_file_failing_does_not_change_a_failure_exit_code(cli, standin):
+    cli.logs.mkdir()
+    now = dt.datetime.now(dt.UTC)
+    for second in range(-2, 30):
+        (cli.logs / f"log_{now + dt.timedelta(seconds=second):%Y%m%d_%H%M%S}.log").symlink_to("/dev/full")
+    standin.add_fault(418)
+    result = cli.run(*DAY)
+    assert result.returncode == 1
+    assert "Logging error" not in result.stderr
+    assert "Amplitude answered HTTP 418" in result.stderr
