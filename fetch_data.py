@@ -36,13 +36,30 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import msgspec
-import requests
-import simdjson
-from dotenv import load_dotenv
-from isal import igzip_threaded, isal_zlib
+HERE = Path(__file__).resolve().parent
+# Checked before the third-party imports, which would otherwise end the first run in a traceback.
+if sys.version_info < (3, 11):  # noqa: UP036 - the check is for interpreters older than the target
+    sys.stderr.write(
+        f"Error: fetch_data.py needs Python 3.11 or newer; {sys.executable} is {sys.version.split()[0]}. "
+        f"Make the virtual environment with a newer one: python3.11 -m venv {HERE / '.venv'}\n"
+    )
+    raise SystemExit(2)
+try:
+    import msgspec
+    import requests
+    import simdjson
+    from dotenv import load_dotenv
+    from isal import igzip_threaded, isal_zlib
+except ImportError as missing:
+    venv_python = HERE / ".venv" / "bin" / "python"
+    install = f"{sys.executable} -m pip install -r {HERE / 'requirements.txt'}"
+    use_venv = venv_python.exists() and Path(sys.executable) != venv_python
+    fix = f"run {venv_python} {HERE / 'fetch_data.py'}, or install them: {install}" if use_venv else install
+    package = {"simdjson": "pysimdjson", "dotenv": "python-dotenv"}.get(missing.name, missing.name)
+    sys.stderr.write(f"Error: the Python package {package} is missing for {sys.executable}; {fix}\n")
+    raise SystemExit(2) from None
 
-from logging_config import setup_logging
+from logging_config import setup_logging  # noqa: E402 - after the checks above
 
 log = logging.getLogger("fetch_data")
 
@@ -148,6 +165,7 @@ class Settings:
     secret_key: str = dataclasses.field(repr=False)
     base_url: str
     windows: tuple[Window, ...]
+    seed_named_window: Window | None  # exported alone, this window's file takes the seed's name
     data_dir: Path
     data_outfile: str
     log_dir: Path
@@ -162,6 +180,7 @@ class Settings:
     file_format: str
     gzip: bool
     refetch: bool
+    quiet: bool
     demo: bool
     started: dt.datetime
     upload: object = None  # azure_upload.Target when --upload
@@ -184,15 +203,15 @@ class Finished:
 
 
 def main(argv: list[str] | None = None) -> int:
-    load_dotenv(Path(".env"), override=False)
+    env_files = load_env_files()
     now = dt.datetime.now(dt.UTC)
     try:
-        settings = parse_settings(argv, os.environ, now)
+        settings = parse_settings(argv, os.environ, now, env_files)
     except UsageError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        setup_logging(settings.log_dir, settings.log_level, now)
+        setup_logging(settings.log_dir, settings.log_level, now, settings.quiet)
     except OSError as exc:
         print(f"Error: cannot write logs to {settings.log_dir}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -214,22 +233,36 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
 
 
-def parse_settings(argv: list[str] | None, env, now: dt.datetime) -> Settings:
+def load_env_files() -> tuple[Path, ...]:
+    """.env in the current folder, then the one beside fetch_data.py (cron and systemd may start elsewhere).
+
+    Variables already set win over both, and the current folder's file over the other one.
+    """
+    places = tuple(dict.fromkeys([Path.cwd() / ".env", HERE / ".env"]))
+    for place in places:
+        load_dotenv(place, override=False)
+    return places
+
+
+def parse_settings(argv: list[str] | None, env, now: dt.datetime, env_files: tuple[Path, ...] = ()) -> Settings:
     """Every setting once, from a flag or its environment variable, validated before any I/O."""
     args = build_parser().parse_args(argv)
     pick = SettingPicker(args, env)
     demo = args.demo
     window_hours = pick.integer("window_hours", "AMP_WINDOW_HOURS", 24, 1, MAX_WINDOW_HOURS)
     start, end = pick_range(args, now)
-    api_key, secret_key = ("demo", "demo") if demo else pick_credentials(env)
+    catch_up_days = pick_catch_up(pick)
+    windows = plan_windows(start - dt.timedelta(days=catch_up_days), end, window_hours)
+    api_key, secret_key = ("demo", "demo") if demo else pick_credentials(env, env_files)
     return Settings(
         api_key=api_key,
         secret_key=secret_key,
         base_url=pick_base_url(pick),
-        windows=tuple(plan_windows(start, end, window_hours)),
-        data_dir=Path(pick.text("data_dir", "AMP_DATA_DIR", "demo/data" if demo else data_outpath)),
+        windows=tuple(windows),
+        seed_named_window=Window(start, end) if catch_up_days or len(windows) == 1 else None,
+        data_dir=Path(pick.location("data_dir", "AMP_DATA_DIR", data_outpath, "demo/data")),
         data_outfile=pick.file_stem("data_outfile", "AMP_DATA_OUTFILE", data_outfile),
-        log_dir=Path(pick.text("log_dir", "AMP_LOG_DIR", "demo/logs" if demo else log_outpath)),
+        log_dir=Path(pick.location("log_dir", "AMP_LOG_DIR", log_outpath, "demo/logs")),
         log_level=pick.log_level("log_level", "AMP_LOG_LEVEL", logging.getLevelName(log_level)),
         max_attempts=pick.integer("max_attempts", "AMP_MAX_ATTEMPTS", max_attempts, 1, 100),
         delay_seconds=pick.number("delay_seconds", "AMP_DELAY_SECONDS", delay_seconds, 0, 3600),
@@ -241,6 +274,7 @@ def parse_settings(argv: list[str] | None, env, now: dt.datetime) -> Settings:
         file_format=pick.choice("format", "AMP_FORMAT", "json", ("json", "jsonl")),
         gzip=args.gzip,
         refetch=args.refetch,
+        quiet=pick.switch("quiet", "AMP_QUIET"),
         demo=demo,
         started=now,
         upload=pick_upload(pick) if args.upload else None,
@@ -251,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = QuietParser(
         prog="fetch_data.py",
         description="Export raw Amplitude events (EU residency server by default) to local files.",
+        epilog="Credentials: AMP_API_KEY and AMP_SECRET_KEY, from the environment or a .env file (the current "
+        "folder's, then the one beside fetch_data.py; see .env.example), never from flags. Manual: README.md.",
     )
     when = parser.add_argument_group("what to export (UTC; default: yesterday)")
     when.add_argument("--date", metavar="YYYY-MM-DD", help="one UTC day")
@@ -258,6 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
     when.add_argument("--end", metavar="WHEN", help="last hour, included: YYYY-MM-DD (its T23) or YYYYMMDDTHH")
     when.add_argument("--window-hours", metavar="N", help="hours per request and per file (env AMP_WINDOW_HOURS, default 24)")
     when.add_argument("--refetch", action="store_true", help="export windows again even if the manifest has them")
+    when.add_argument(
+        "--catch-up", metavar="DAYS",
+        help="with the nightly default: also export the hours of the DAYS days before yesterday that the manifest "
+        "lacks (env AMP_CATCH_UP_DAYS, default 0)",
+    )
     source = parser.add_argument_group("where from")
     source.add_argument("--region", metavar="{eu,us}", help="Amplitude's region (env AMP_REGION, default eu)")
     source.add_argument("--base-url", metavar="URL", help="API base URL; overrides --region (env AMP_BASE_URL)")
@@ -290,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--gzip", action="store_true", help="gzip the output files (.json.gz / .jsonl.gz)")
     output.add_argument("--log-dir", metavar="DIR", help="log folder (env AMP_LOG_DIR, default logs)")
     output.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (env AMP_LOG_LEVEL, default INFO)")
+    output.add_argument(
+        "--quiet", action="store_true",
+        help="stderr gets WARNING and ERROR lines only; the log file keeps everything (env AMP_QUIET), for cron",
+    )
     upload = parser.add_argument_group("Azure Blob Storage (needs requirements-azure.txt)")
     upload.add_argument("--upload", action="store_true", help="upload each finished file, and any still pending, to Azure")
     upload.add_argument("--container", metavar="NAME", help="blob container (env AZURE_STORAGE_CONTAINER, default amplitude)")
@@ -325,6 +370,22 @@ class SettingPicker:
     def text(self, name, variable, default) -> str:
         return str(self.raw(name, variable, default)[0])
 
+    def location(self, name, variable, default, demo_default) -> str:
+        """A place to write; --demo takes it from its own command line only, so .env never sends it to real data."""
+        if self.args.demo:
+            return str(self.raw(name, None, demo_default)[0])
+        return self.text(name, variable, default)
+
+    def switch(self, name, variable) -> bool:
+        if getattr(self.args, name):
+            return True
+        value = self.env.get(variable, "").strip().lower()
+        if value in ("", "0", "false", "no", "off"):
+            return False
+        if value in ("1", "true", "yes", "on"):
+            return True
+        raise UsageError(f"{variable}: expected 1/true/yes/on or 0/false/no/off, got {value!r}")
+
     def integer(self, name, variable, default, low, high) -> int:
         return self.bounded(name, variable, default, low, high, int, "a whole number")
 
@@ -358,12 +419,24 @@ class SettingPicker:
         return str(value)
 
 
-def pick_credentials(env) -> tuple[str, str]:
+def pick_catch_up(pick: SettingPicker) -> int:
+    """Days before yesterday whose missing hours the nightly run exports too; only with the nightly default."""
+    days = pick.integer("catch_up", "AMP_CATCH_UP_DAYS", 0, 0, 366)
+    ranged = pick.args.date or pick.args.start or pick.args.end
+    if ranged and pick.args.catch_up is not None:
+        raise UsageError("--catch-up goes with the nightly default (yesterday), not with --date or --start/--end")
+    return 0 if ranged else days
+
+
+def pick_credentials(env, env_files: tuple[Path, ...] = ()) -> tuple[str, str]:
     names = ("AMP_API_KEY", "AMP_SECRET_KEY")
     missing = [name for name in names if not env.get(name, "").strip()]
     if missing:
         pronoun = "it" if len(missing) == 1 else "them"
-        raise UsageError(f"{' and '.join(missing)} not set: put {pronoun} in .env (see .env.example) or the environment")
+        looked = f" (looked in {' and '.join(map(str, env_files))})" if env_files else ""
+        raise UsageError(
+            f"{' and '.join(missing)} not set: put {pronoun} in .env{looked} or the environment; see .env.example"
+        )
     for name in names:
         # HTTP Basic sends latin-1; Amplitude's keys are hex, so anything else is a copy-paste accident.
         if not (env[name].strip().isascii() and env[name].strip().isprintable()):
@@ -395,7 +468,7 @@ def pick_upload(pick: SettingPicker):
     except ImportError as exc:
         raise UsageError(str(exc)) from None
     container = pick.text("container", "AZURE_STORAGE_CONTAINER", "amplitude")
-    prefix = pick.text("blob_prefix", "AZURE_BLOB_PREFIX", "amplitude/events")
+    prefix = pick.location("blob_prefix", "AZURE_BLOB_PREFIX", "amplitude/events", "demo/amplitude/events")
     try:
         target = azure_upload.target_from(pick.env, container, prefix)
     except ValueError as exc:
@@ -463,7 +536,7 @@ def run(settings: Settings) -> int:
         if skipped:
             log.info("Skipping %d hour(s) already exported (manifest %s; --refetch exports them again)", skipped, manifest)
         warn_if_fresh(todo, settings.started)
-        several = len(settings.windows) > 1 or todo != list(settings.windows)
+        several = todo != [settings.seed_named_window]
         uploads = Uploads(settings, manifest) if settings.upload else None
         if uploads:
             uploads.send_pending(records)
@@ -487,7 +560,7 @@ def export_windows(windows: list[Window], settings: Settings, save) -> tuple[lis
     saved, failures = [], []
     pending: deque = deque()
     queue = iter(windows)
-    with progress_bar(len(windows)) as progress, ThreadPoolExecutor(
+    with progress_bar(len(windows), shown=not settings.quiet) as progress, ThreadPoolExecutor(
         settings.workers, thread_name_prefix="window", initializer=leave_signals_to_main_thread
     ) as pool:
         try:
@@ -1214,9 +1287,9 @@ def log_summary(settings: Settings, saved: list[dict], failures, seconds: float)
 
 
 @contextlib.contextmanager
-def progress_bar(total: int):
+def progress_bar(total: int, shown: bool):
     """A bar of windows and bytes when a person watches stderr; log lines only in cron."""
-    if not sys.stderr.isatty():
+    if not (shown and sys.stderr.isatty()):
         yield NoProgress()
         return
     from tqdm import tqdm

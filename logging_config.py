@@ -9,8 +9,11 @@ from pathlib import Path
 LOG_FORMAT = "%(asctime)s - %(levelname)s - %(message)s"
 
 
-def setup_logging(log_outpath="logs", log_level=logging.INFO, now=None):
-    """Send log records to logs/log_YYYYMMDD_HHMMSS.log and stderr; return the log file's path."""
+def setup_logging(log_outpath="logs", log_level=logging.INFO, now=None, quiet=False):
+    """Send log records to logs/log_YYYYMMDD_HHMMSS.log and stderr; return the log file's path.
+
+    `quiet` keeps stderr to warnings and errors, so cron mails only when something went wrong.
+    """
     now = now or dt.datetime.now(dt.UTC)
     folder = Path(log_outpath)
     folder.mkdir(parents=True, exist_ok=True)
@@ -24,6 +27,8 @@ def setup_logging(log_outpath="logs", log_level=logging.INFO, now=None):
     for handler in handlers:
         handler.setFormatter(formatter)
         root.addHandler(handler)
+    if quiet:
+        handlers[1].setLevel(logging.WARNING)
     root.setLevel(log_level)
     # urllib3 logs full request lines at DEBUG; keep its chatter out of audit logs.
     logging.getLogger("urllib3").setLevel(max(log_level, logging.INFO))

@@ -1,20 +1,45 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need (Python packages into .venv, Azurite from npm), starts Azurite
 # on 127.0.0.1, runs ruff and pytest (arguments go to pytest), and stops Azurite whatever happens.
+# Installs are skipped when nothing changed since the last run; everything a run writes lives in .test-work/
+# and is removed at the end (pytest keeps the folders of failed tests there for a look).
 set -euo pipefail
 cd "$(dirname "$0")"
 
 python=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
+if ! command -v "$python" >/dev/null; then
+    echo "test.sh: PYTHON=$python is not an interpreter on PATH" >&2
+    exit 2
+fi
+wanted=$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+if [ -x .venv/bin/python ]; then
+    made_with=$(.venv/bin/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+    if [ "$made_with" != "$wanted" ]; then
+        echo "test.sh: .venv was made with Python $made_with, not $python ($wanted); remove it (rm -rf .venv) to rebuild it" >&2
+        exit 2
+    fi
+else
     "$python" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
-npm ci --no-audit --no-fund --loglevel=error
+
+# Reinstall only when a requirements file or the lock file changed since the last install.
+stamp_of() { cat "$@" | sha256sum | cut -d' ' -f1; }
+python_stamp=$(stamp_of requirements.txt requirements-azure.txt requirements-dev.txt)
+if [ "$(cat .venv/.requirements-stamp 2>/dev/null)" != "$python_stamp" ]; then
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+    echo "$python_stamp" >.venv/.requirements-stamp
+fi
+node_stamp=$(stamp_of package.json package-lock.json)
+if [ "$(cat node_modules/.lock-stamp 2>/dev/null)" != "$node_stamp" ]; then
+    npm ci --no-audit --no-fund --loglevel=error
+    echo "$node_stamp" >node_modules/.lock-stamp
+fi
 
 .venv/bin/ruff check .
 
-# Azurite with an account made up for this run, on a port the system picks.
-azurite_dir=$(mktemp -d)
+work="$PWD/.test-work"
+rm -rf "$work/azurite"
+mkdir -p "$work/azurite"
 azurite_pid=""
 stop_azurite() {
     if [ -n "$azurite_pid" ]; then
@@ -27,32 +52,46 @@ stop_azurite() {
         kill -9 "$azurite_pid" 2>/dev/null || true
         wait "$azurite_pid" 2>/dev/null || true
     fi
-    rm -rf "$azurite_dir"
+    rm -rf "$work/azurite"
+    rmdir "$work" 2>/dev/null || true
 }
 trap stop_azurite EXIT
+
+# Azurite with an account made up for this run, on a port the system picks, telling nobody about it.
 export AZURITE_ACCOUNT=exporttests
 AZURITE_KEY=$(.venv/bin/python -c 'import base64, os; print(base64.b64encode(os.urandom(32)).decode())')
 export AZURITE_KEY
 AZURITE_ACCOUNTS="$AZURITE_ACCOUNT:$AZURITE_KEY" node_modules/.bin/azurite-blob \
-    --blobHost 127.0.0.1 --blobPort 0 --location "$azurite_dir" --skipApiVersionCheck \
-    >"$azurite_dir/azurite.log" 2>&1 &
+    --blobHost 127.0.0.1 --blobPort 0 --location "$work/azurite" --skipApiVersionCheck --disableTelemetry \
+    >"$work/azurite/azurite.log" 2>&1 &
 azurite_pid=$!
 for _ in $(seq 1 300); do
-    if grep -q "successfully listens" "$azurite_dir/azurite.log"; then
+    if grep -q "successfully listens" "$work/azurite/azurite.log"; then
         break
     fi
     if ! kill -0 "$azurite_pid" 2>/dev/null; then
-        cat "$azurite_dir/azurite.log" >&2
+        cat "$work/azurite/azurite.log" >&2
         echo "Azurite did not start" >&2
         exit 1
     fi
     sleep 0.1
 done
-AZURITE_BLOB_ENDPOINT=$(grep -o "successfully listens on http://[0-9.:]*" "$azurite_dir/azurite.log" | sed 's/.* on //')
+AZURITE_BLOB_ENDPOINT=$(grep -o "successfully listens on http://[0-9.:]*" "$work/azurite/azurite.log" | sed 's/.* on //')
 if [ -z "$AZURITE_BLOB_ENDPOINT" ]; then
     echo "Azurite did not report its address within 30 s" >&2
     exit 1
 fi
 export AZURITE_BLOB_ENDPOINT
 
-.venv/bin/python -m pytest "$@"
+# Temporary files of the tests (hundreds of MB) go to .test-work/pytest, never to /tmp.
+export TMPDIR="$work/tmp"
+mkdir -p "$TMPDIR"
+status=0
+.venv/bin/python -m pytest -p no:cacheprovider --basetemp "$work/pytest" "$@" || status=$?
+rm -rf "$TMPDIR"
+if [ "$status" -eq 0 ]; then
+    rm -rf "$work/pytest"
+else
+    echo "test.sh: the folders of failed tests are in $work/pytest" >&2
+fi
+exit "$status"

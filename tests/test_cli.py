@@ -8,7 +8,7 @@ import socket
 import pytest
 
 import fetch_data as fd
-from tests.conftest import API_KEY, as_array, assert_no_secrets, hour
+from tests.conftest import API_KEY, ROOT, as_array, assert_no_secrets, hour
 
 DAY = ("--date", "2025-11-01")
 DAY_START, DAY_END = hour("20251101T00"), hour("20251101T23")
@@ -180,11 +180,16 @@ def test_a_tls_failure_is_named_with_the_cause(cli, standin):
 @pytest.mark.parametrize(
     "args, env, message",
     [
-        ((), {"AMP_API_KEY": None}, "Error: AMP_API_KEY not set: put it in .env (see .env.example) or the environment"),
+        (
+            (),
+            {"AMP_API_KEY": None},
+            "Error: AMP_API_KEY not set: put it in .env (looked in {here} and {beside}) or the environment; see .env.example",
+        ),
         (
             (),
             {"AMP_API_KEY": None, "AMP_SECRET_KEY": ""},
-            "Error: AMP_API_KEY and AMP_SECRET_KEY not set: put them in .env (see .env.example) or the environment",
+            "Error: AMP_API_KEY and AMP_SECRET_KEY not set: put them in .env (looked in {here} and {beside}) or the "
+            "environment; see .env.example",
         ),
         (("--date", "2025-02-30"), {}, "Error: --date 2025-02-30: no such date or hour"),
         (("--date", "2999-01-01"), {}, "Error: --date 2999-01-01: that UTC day has not ended yet"),
@@ -201,7 +206,8 @@ def test_a_tls_failure_is_named_with_the_cause(cli, standin):
 def test_bad_input_is_one_line_exit_2_and_no_request(cli, standin, args, env, message):
     result = cli.run(*args, **env)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [message]
+    looked = {"here": cli.workdir / ".env", "beside": ROOT / ".env"}
+    assert result.stderr.strip().splitlines() == [message.format(**looked)]
     assert standin.requests == []
     assert not cli.data.exists() and not cli.logs.exists()
 
