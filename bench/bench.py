@@ -32,7 +32,10 @@ DAY = "2025-11-01"
 START, END = "20251101T00", "20251101T23"
 PARTS_PER_HOUR = 2
 POOL_SIZE = 20_000
-VARIANTS = {"json": [], "jsonl": ["--format", "jsonl"], "gzip": ["--gzip"]}
+# "rules": 3 fields dropped and 2 pseudonymised, Amplitude's usual personal data (see README, Personal data).
+RULES = ["--drop-fields", "ip_address,city,user_properties.plan", "--hash-fields", "user_id,device_id"]
+VARIANTS = {"json": [], "jsonl": ["--format", "jsonl"], "gzip": ["--gzip"], "rules": RULES}
+HASH_KEY = "bench-hash-key-0123456789abcdef0123456789"
 
 
 def main() -> int:
@@ -51,7 +54,7 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[250, 1000], help="MB of events")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS), help="json,jsonl,gzip")
+    parser.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS), help="json,jsonl,gzip,rules")
     parser.add_argument("--no-seed", action="store_true", help="skip the seed's in-memory reference")
     return parser.parse_args()
 
@@ -88,7 +91,7 @@ def build_archive_file(archive: Path, size_mb: int, level: int = 6) -> int:
 
 
 def measure_size(size_mb: int, events: int, base_url: str, args) -> list[dict]:
-    env = dict(os.environ, AMP_API_KEY="bench", AMP_SECRET_KEY="bench", AMP_BASE_URL=base_url)
+    env = dict(os.environ, AMP_API_KEY="bench", AMP_SECRET_KEY="bench", AMP_BASE_URL=base_url, AMP_HASH_KEY=HASH_KEY)
     url = f"{base_url}/api/2/export?start={START}&end={END}"
     out = WORK / "out"
     commands = {"floor": floor_command(url, out)}

@@ -263,3 +263,18 @@ def test_secrets_of_the_export_stay_out_of_uploads(cli, azurite, container_name,
     for blob in container.list_blobs(include=["metadata"]):
         text = json.dumps(blob.metadata)
         assert API_KEY not in text and SECRET_KEY not in text
+
+
+def test_the_field_rules_policy_goes_into_the_blobs_metadata(cli, azurite, container_name, service):
+    key = "a-hash-key-of-more-than-32-characters"
+    result = cli.run(*DAY, "--upload", "--drop-fields", "ip_address,user_properties.plan", "--hash-fields", "user_id",
+                     AMP_HASH_KEY=key, **upload_env(azurite, container_name))
+    assert result.returncode == 0, result.stderr
+    export, upload = cli.manifest()
+    blob = service.get_container_client(container_name).get_blob_client(upload["blob"])
+    metadata = blob.get_blob_properties().metadata
+    assert json.loads(metadata["policy"]) == export["policy"] == {
+        "dropped": ["ip_address", "user_properties.plan"], "hashed": ["user_id"], "key_id": export["policy"]["key_id"],
+    }
+    assert blob.download_blob().readall() == (cli.data / export["file"]).read_bytes()
+    assert_nothing_secret(result, cli, azurite["key"], key)

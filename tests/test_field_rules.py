@@ -1,0 +1,176 @@
+"""Field rules: dropping and pseudonymising personal data while streaming, exact for everything kept."""
+
+import datetime as dt
+import hashlib
+import hmac
+import json
+import re
+
+import pytest
+
+import fetch_data as fd
+from field_rules import FieldRules, Pseudonymiser, RuleError, rules_from
+from tests.conftest import API_KEY, hour
+
+KEY = "k" * 20 + "-a-secret-of-32+chars"
+NOW = dt.datetime(2025, 11, 7, 3, 30, tzinfo=dt.UTC)
+DAY = ("--date", "2025-11-01")
+
+
+def pseudonym(text: str | bytes) -> str:
+    return hmac.new(KEY.encode(), text if isinstance(text, bytes) else text.encode(), hashlib.sha256).hexdigest()
+
+
+def rules(dropped=(), hashed=()) -> Pseudonymiser:
+    return Pseudonymiser(FieldRules(tuple(dropped), tuple(hashed), KEY.encode()))
+
+
+# Settings
+
+
+@pytest.mark.parametrize(
+    "argv, env, message",
+    [
+        (["--drop-fields", ""], {}, "--drop-fields: an empty field path in ''"),
+        (["--drop-fields", "ip_address,,city"], {}, "--drop-fields: an empty field path"),
+        (["--hash-fields", "user_properties..email"], {"AMP_HASH_KEY": KEY}, "'user_properties..email' has an empty part"),
+        ([], {"AMP_DROP_FIELDS": ".email"}, "AMP_DROP_FIELDS: '.email' has an empty part"),
+        (["--drop-fields", "a."], {}, "has an empty part"),
+        (["--drop-fields", "city,user_id", "--hash-fields", "user_id"], {"AMP_HASH_KEY": KEY},
+         "user_id: a field is either dropped or hashed, not both"),
+        (["--hash-fields", "user_id"], {}, "--hash-fields needs AMP_HASH_KEY (in .env or the environment, never a flag)"),
+        (["--hash-fields", "user_id"], {"AMP_HASH_KEY": "short"}, "AMP_HASH_KEY must be at least 32 characters (it has 5)"),
+        (["--hash-key", KEY], {}, "unrecognized arguments: --hash-key"),
+    ],
+)
+def test_bad_field_settings_are_usage_errors(argv, env, message):
+    with pytest.raises(fd.UsageError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        fd.parse_settings(argv, {"AMP_API_KEY": "k", "AMP_SECRET_KEY": "s", **env}, NOW)
+
+
+def test_the_policy_names_the_key_without_revealing_it():
+    parsed = rules_from("ip_address, city", "user_id", {"AMP_HASH_KEY": KEY})
+    assert parsed.policy == {"dropped": ["city", "ip_address"], "hashed": ["user_id"],
+                             "key_id": hashlib.sha256(KEY.encode()).hexdigest()[:12]}
+    assert KEY not in repr(parsed)
+    assert rules_from("city", None, {}).policy == {"dropped": ["city"], "hashed": [], "key_id": None}
+    assert rules_from(None, None, {}) is None
+    with pytest.raises(RuleError):
+        rules_from("x", "x", {"AMP_HASH_KEY": KEY})
+
+
+# The transformation
+
+
+def test_events_without_the_fields_are_kept_byte_for_byte():
+    lines = [b'{"event_type" : "a",  "n": 1.50}', b'{"x":"M\\u00fcnchen","big":123456789012345678901234567890}',
+             b'{"user_properties":{"plan":"pro"}}', b'{"user_properties":"not an object"}']
+    assert rules(["ip_address", "user_properties.email"], ["device_id"]).apply(lines) == lines
+
+
+def test_dropped_fields_go_and_everything_else_stays_exact_and_compact():
+    line = ('{"event_type": "Bestellung", "ip_address": "10.0.0.1", "city": "München", '
+            '"user_properties": {"email": "a@b.de", "plan" : "pro", "tags": [1, 2]}, "n": 1.50, '
+            '"id": 123456789012345678901234567890, "note": "x\\u00fcy", "data": {"path": "/2/httpapi"}}').encode()
+    out = rules(["ip_address", "user_properties.email", "data.path", "absent", "absent.deeper"]).apply([line])[0]
+    assert out == ('{"event_type":"Bestellung","city":"München","user_properties":{"plan":"pro","tags":[1,2]},'
+                   '"n":1.50,"id":123456789012345678901234567890,"note":"x\\u00fcy","data":{}}').encode()
+
+
+def test_hashed_values_are_the_hmac_of_their_text():
+    line = (b'{"user_id":"user-\xc3\xa4","device_id":"abc","n":1.50,"b":true,"o":{ "k" : [1, "x"] },'
+            b'"a":[ 1 ,2 ],"z":null,"e":"\\u00e4"}')
+    out = json.loads(rules((), ["user_id", "n", "b", "o", "a", "z", "e", "missing"]).apply([line])[0])
+    assert out == {
+        "user_id": pseudonym("user-ä"), "device_id": "abc", "n": pseudonym("1.50"), "b": pseudonym("true"),
+        "o": pseudonym('{"k":[1,"x"]}'), "a": pseudonym("[1,2]"), "z": None, "e": pseudonym("ä"),
+    }
+
+
+def test_a_value_gets_the_same_pseudonym_in_every_event_and_every_run():
+    lines = [b'{"user_id":"u-1","n":1}', b'{"user_id":"u-2"}', b'{"user_id":"u-1"}']
+    first = [json.loads(line)["user_id"] for line in rules((), ["user_id"]).apply(lines)]
+    again = [json.loads(line)["user_id"] for line in rules((), ["user_id"]).apply(lines)]
+    assert first == again == [pseudonym("u-1"), pseudonym("u-2"), pseudonym("u-1")]
+    other_key = Pseudonymiser(FieldRules((), ("user_id",), b"another key of thirty-two chars!!"))
+    assert json.loads(other_key.apply(lines[:1])[0])["user_id"] != first[0]
+
+
+def test_nested_hash_and_a_field_name_written_with_escapes():
+    line = b'{"ip\\u005faddress":"10.1.2.3","event_properties":{"phone":"+49 30 1234"},"keep":"\\"q\\""}'
+    out = rules(["ip_address"], ["event_properties.phone"]).apply([line])[0]
+    assert out == ('{"event_properties":{"phone":"' + pseudonym("+49 30 1234") + '"},"keep":"\\"q\\""}').encode()
+
+
+# End to end
+
+
+def reference(line: bytes, dropped, hashed) -> dict:
+    """What an event must become, computed the slow obvious way."""
+    event = json.loads(line)
+    for path in hashed:
+        *parents, name = path.split(".")
+        holder = event
+        for parent in parents:
+            holder = holder.get(parent) if isinstance(holder, dict) else None
+        if isinstance(holder, dict) and holder.get(name) is not None:
+            value = holder[name]
+            holder[name] = pseudonym(value if isinstance(value, str) else json.dumps(value))
+    for path in dropped:
+        *parents, name = path.split(".")
+        holder = event
+        for parent in parents:
+            holder = holder.get(parent) if isinstance(holder, dict) else None
+        if isinstance(holder, dict):
+            holder.pop(name, None)
+    return event
+
+
+DROPPED = ["ip_address", "city", "user_properties.plan"]
+HASHED = ["user_id", "device_id", "event_properties.order_id"]
+RULE_FLAGS = ("--drop-fields", ",".join(DROPPED), "--hash-fields", ",".join(HASHED))
+
+
+def test_an_export_with_field_rules(cli, standin):
+    result = cli.run(*DAY, *RULE_FLAGS, "--format", "jsonl", AMP_HASH_KEY=KEY)
+    assert result.returncode == 0, result.stderr
+    (output,) = cli.outputs()
+    written = output.read_bytes().splitlines()
+    expected = standin.expected_lines(hour("20251101T00"), hour("20251101T23"))
+    assert len(written) == len(expected)
+    for line, original in zip(written, expected, strict=True):
+        assert list(json.loads(line).items()) == list(reference(original, DROPPED, HASHED).items())
+        assert b" " not in re.sub(rb'"(?:[^"\\]|\\.)*"', b'""', line)  # compact: no space outside strings
+        if b"\\u" not in original:
+            assert b"\\u" not in line  # Unicode stays text
+    record = cli.manifest()[0]
+    assert record["policy"] == {"dropped": sorted(DROPPED), "hashed": sorted(HASHED),
+                                "key_id": hashlib.sha256(KEY.encode()).hexdigest()[:12]}
+    for text in (result.stderr, cli.everything_written()):
+        assert KEY not in text and API_KEY not in text
+
+
+def test_resume_skips_only_hours_exported_under_the_same_policy(cli, standin):
+    assert cli.run(*DAY, AMP_DROP_FIELDS="ip_address").returncode == 0
+    standin.requests.clear()
+    assert cli.run(*DAY, "--drop-fields", "ip_address").returncode == 0
+    assert standin.requests == []
+    # Another policy: exported again into a new file; the old file is left alone.
+    old_files = cli.outputs()
+    result = cli.run(*DAY, *RULE_FLAGS, AMP_HASH_KEY=KEY)
+    assert result.returncode == 0, result.stderr
+    assert len(standin.requests) == 1
+    assert set(old_files) < set(cli.outputs()) and len(cli.outputs()) == 2
+    # Without rules, the hours exported under rules do not count either.
+    standin.requests.clear()
+    assert cli.run(*DAY).returncode == 0
+    assert len(standin.requests) == 1
+    assert [r.get("policy", {}).get("dropped") for r in cli.manifest()] == [["ip_address"], sorted(DROPPED), None]
+
+
+def test_a_short_hash_key_is_refused_before_any_request(cli, standin):
+    result = cli.run(*DAY, "--hash-fields", "user_id", AMP_HASH_KEY="too-short")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "Error: AMP_HASH_KEY must be at least 32 characters (it has 9)"
+    assert standin.requests == []
+    assert "too-short" not in result.stderr
