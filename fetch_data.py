@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import collections
 import contextlib
 import dataclasses
 import datetime as dt
@@ -100,6 +101,7 @@ ERROR_BODY_BYTES = 4096
 NO_DATA_TEXT = "Raw data files were not found"  # Amplitude's 404 body for a range without events
 TOO_LARGE_TEXT = "too large"  # in Amplitude's 400 body for an export over its 4 GB limit
 UTF8_BOM = b"\xef\xbb\xbf"
+NO_EVENT_TYPE = "(no event_type)"
 GZIP_MAGIC = b"\x1f\x8b"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -206,6 +208,7 @@ class Finished:
     size: int
     sha256: str
     seconds: float
+    tally: Tally
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -639,7 +642,7 @@ def export_window(window: Window, settings: Settings) -> Finished:
         if isinstance(exc, OSError):
             raise ExportError(f"cannot write to {settings.data_dir}: {exc.strerror or exc}") from None
         raise
-    return Finished(window, temp_path, writer.events, writer.size, writer.sha256(), time.monotonic() - began)
+    return Finished(window, temp_path, writer.events, writer.size, writer.sha256(), time.monotonic() - began, writer.tally)
 
 
 def export_span(span: Window, writer: EventWriter, session, settings: Settings, parser) -> None:
@@ -796,8 +799,9 @@ def write_to_local(zip_path: Path, writer: EventWriter, settings: Settings, pars
     mark = writer.mark()
     try:
         for member, first_line_number, lines in unzip(zip_path, span, settings.max_event_bytes):
-            events = check_events(lines, member, first_line_number, parser)
+            events, types = check_events(lines, member, first_line_number, parser)
             writer.write_events(settings.field_rules.apply(events) if settings.field_rules else events)
+            writer.tally.add(member_hour(member), types)
     except CorruptArchive as exc:
         writer.rollback(mark)
         raise Retryable(f"the archive is damaged ({exc})", settings.delay_seconds) from None
@@ -890,25 +894,64 @@ def without_boms(lines: list[bytes]) -> list[bytes]:
     return [line[len(UTF8_BOM):] if line.startswith(UTF8_BOM) else line for line in lines]
 
 
-def check_events(lines: list[bytes], member: str, first_line_number: int, parser) -> list[bytes]:
-    """The lines that are events, each checked to be one UTF-8 JSON object; blank lines are dropped."""
+def check_events(lines: list[bytes], member: str, first_line_number: int, parser) -> tuple[list[bytes], list[str]]:
+    """The lines that are events, each checked to be one UTF-8 JSON object, and their event types; blank lines
+    are dropped."""
     if len(lines) == 1 and len(lines[0]) > CHUNK_BYTES:
-        return [line for line in lines if is_long_event(line, member, first_line_number)]
+        return lines, [long_event_type(lines[0], member, first_line_number)]
     parse = parser.parse
-    try:
-        if all(type(parse(line)) is simdjson.Object for line in lines):
-            return lines
-    except Exception:  # simdjson refuses some valid JSON (integers beyond 64 bits): decide line by line.
-        pass
-    return [line for number, line in enumerate(lines, first_line_number) if is_event(line, member, number, parser)]
+    types: list = []
+    blanks: list[int] = []
+    rest = iter(lines)
+    while True:
+        try:
+            for line in rest:
+                types.append(parse(line)["event_type"])
+            break
+        except Exception as exc:  # a blank line, an event without event_type, JSON simdjson refuses (big integers)
+            position = len(types) + len(blanks)
+            # simdjson takes microseconds to say a key is missing: after the first, lines are looked at more closely.
+            careful = itertools.islice(lines, position, None) if isinstance(exc, KeyError) else [lines[position]]
+            for number, line in enumerate(careful, first_line_number + position):
+                name = event_type_of(line, member, number, parser)
+                if name is None:
+                    blanks.append(number - first_line_number)
+                else:
+                    types.append(name)
+            if isinstance(exc, KeyError):
+                break
+    if not all(type(name) is str for name in types):  # an event_type that is not text: its proxy is gone already
+        return check_slowly(lines, member, first_line_number, parser)
+    if blanks:
+        dropped = set(blanks)
+        lines = [line for position, line in enumerate(lines) if position not in dropped]
+    return lines, types
 
 
-def is_event(line: bytes, member: str, number: int, parser) -> bool:
+def check_slowly(lines: list[bytes], member: str, first_line_number: int, parser) -> tuple[list[bytes], list[str]]:
+    events, types = [], []
+    for number, line in enumerate(lines, first_line_number):
+        name = event_type_of(line, member, number, parser)
+        if name is not None:
+            events.append(line)
+            types.append(name)
+    return events, types
+
+
+def event_type_of(line: bytes, member: str, number: int, parser) -> str | None:
+    """The event type of a line that is one JSON object; None for a blank line; an ExportError for anything else."""
     if not line.strip():
-        return False
+        return None
     try:
-        if type(parser.parse(line)) is simdjson.Object:
-            return True
+        value = parser.parse(line)
+        if type(value) is simdjson.Object:
+            if b'"event_type"' not in line:  # no key by that name, unless written with escapes: json looks then
+                if b"\\" not in line:
+                    return NO_EVENT_TYPE
+            else:
+                name = value["event_type"]
+                if type(name) is str:
+                    return name
     except Exception:
         pass
     try:
@@ -917,14 +960,14 @@ def is_event(line: bytes, member: str, number: int, parser) -> bool:
     except (ValueError, RecursionError):
         value = None
     if isinstance(value, dict):
-        return True
+        return type_name(value.get("event_type"))
     raise not_an_event(member, number, line)
 
 
-def is_long_event(line: bytes, member: str, number: int) -> bool:
+def long_event_type(line: bytes, member: str, number: int) -> str:
     """A line of megabytes, checked without building its values: simdjson and json would need three times its size."""
     try:
-        LONG_EVENT.decode(line)
+        event = LONG_EVENT.decode(line)
         decoder = codecs.getincrementaldecoder("utf-8")()
         view = memoryview(line)
         for offset in range(0, len(view), CHUNK_BYTES):
@@ -932,7 +975,15 @@ def is_long_event(line: bytes, member: str, number: int) -> bool:
         decoder.decode(b"", final=True)
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
         raise not_an_event(member, number, line) from None
-    return True
+    name = event.get("event_type")
+    return type_name(None if name is None else json.loads(bytes(name)))
+
+
+def type_name(value) -> str:
+    """An event type as the manifest counts it: its text, or its JSON when it is not text."""
+    if isinstance(value, str):
+        return value
+    return NO_EVENT_TYPE if value is None else json.dumps(value, ensure_ascii=False)
 
 
 def not_an_event(member: str, number: int, line: bytes) -> ExportError:
@@ -959,6 +1010,7 @@ class EventWriter:
         self._hash = hashlib.sha256()
         self._compressor = new_compressor() if gzip else None
         self._member_open = False
+        self.tally = Tally()  # the counts of what is written, undone with it by rollback
         self._file = open(path, "xb")  # noqa: SIM115 - the writer owns the file until finish() or discard()
 
     def write_events(self, lines: list[bytes]) -> None:
@@ -975,11 +1027,12 @@ class EventWriter:
 
     def mark(self) -> tuple:
         self._close_member()
-        return self.size, self.events, self._hash.copy()
+        return self.size, self.events, self._hash.copy(), self.tally.copy()
 
     def rollback(self, mark: tuple) -> None:
-        self.size, self.events, hash_copy = mark
+        self.size, self.events, hash_copy, tally = mark
         self._hash = hash_copy.copy()
+        self.tally = tally.copy()
         self._file.seek(self.size)
         self._file.truncate()
         if self._gzip:
@@ -1019,6 +1072,32 @@ class EventWriter:
             self._file.write(data)
             self._hash.update(data)
             self.size += len(data)
+
+
+class Tally:
+    """Events per hour (the archive member's hour, which is how the Export API groups events) and per event type."""
+
+    def __init__(self, hours=None, types=None, unplaced=0):
+        self.hours: collections.Counter = collections.Counter(hours or {})
+        self.types: collections.Counter = collections.Counter(types or {})
+        self.unplaced = unplaced  # events of members whose name gives no hour
+
+    def add(self, hour: dt.datetime | None, types: list[str]) -> None:
+        if hour is None:
+            self.unplaced += len(types)
+        else:
+            self.hours[hour] += len(types)
+        self.types.update(types)
+
+    def copy(self) -> Tally:
+        return Tally(self.hours, self.types, self.unplaced)
+
+    def by_hour(self, window: Window) -> dict[str, int] | None:
+        """Every hour of the window (zeros included) and any stray hour; None if some events have no hour."""
+        if self.unplaced:
+            return None
+        hours = {hour: 0 for hour in hours_between(window.start, window.end)} | dict(self.hours)
+        return {format_hour(hour): hours[hour] for hour in sorted(hours)}
 
 
 def new_compressor():
@@ -1190,6 +1269,10 @@ def manifest_record(finished: Finished, name: str, now: dt.datetime, policy: dic
         "sha256": finished.sha256,
         "finished_at": iso_utc(now),
     }
+    hours = finished.tally.by_hour(finished.window)
+    if hours is not None:
+        record["hours"] = hours
+    record["event_types"] = dict(sorted(finished.tally.types.items()))
     return record | {"policy": policy} if policy else record
 
 

@@ -48,9 +48,32 @@ def test_a_range_is_one_file_per_day_with_a_manifest(cli, standin):
     assert [n[14:] for n in names] == [f"ampl_dump_{d}T00-{d}T23.json" for d in DAYS]
     assert_range_exported_once(cli, standin)
     record = cli.manifest()[0]
-    assert set(record) == {"start", "end", "file", "events", "bytes", "sha256", "finished_at"}
+    assert set(record) == {"start", "end", "file", "events", "bytes", "sha256", "finished_at", "hours", "event_types"}
     assert dt.datetime.strptime(record["finished_at"], "%Y-%m-%dT%H:%M:%SZ")
     assert [(r["start"], r["end"]) for r in standin.requests] == [(f"{d}T00", f"{d}T23") for d in DAYS]
+
+
+def test_the_manifest_counts_events_per_hour_and_per_event_type(cli, standin):
+    standin.empty_hours = {hour("20251101T05")}
+    result = cli.run("--date", "2025-11-01")
+    assert result.returncode == 0, result.stderr
+    (record,) = cli.manifest()
+    expected = {f"20251101T{h:02d}": 0 if h == 5 else 6 for h in range(24)}
+    assert record["hours"] == expected and list(record["hours"]) == sorted(expected)
+    events = json.loads((cli.data / record["file"]).read_bytes())
+    types = {}
+    for event in events:
+        types[event["event_type"]] = types.get(event["event_type"], 0) + 1
+    assert record["event_types"] == types
+    assert sum(record["hours"].values()) == sum(record["event_types"].values()) == record["events"] == len(events)
+
+
+def test_counts_are_undone_with_a_damaged_download(cli, standin):
+    standin.add_fault("corrupt_crc")
+    assert cli.run("--date", "2025-11-01", "--window-hours", "6").returncode == 0
+    for record in cli.manifest():
+        assert sum(record["hours"].values()) == record["events"] == 6 * 6
+        assert len(record["hours"]) == 6
 
 
 def test_hours_and_window_hours(cli, standin):

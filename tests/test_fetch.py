@@ -196,4 +196,21 @@ def test_only_json_objects_pass_as_events(line):
 
 def test_events_are_kept_byte_for_byte_and_blank_lines_dropped():
     lines = [b'{"a":"\\u00fc","b":"\xc3\xbc"}', b"  ", b'{"big": 123456789012345678901234567890}', b'{ "spaced" : 1 }\r']
-    assert fd.check_events(lines, "m", 1, simdjson.Parser()) == [lines[0], lines[2], lines[3]]
+    assert fd.check_events(lines, "m", 1, simdjson.Parser()) == ([lines[0], lines[2], lines[3]], ["(no event_type)"] * 3)
+
+
+@pytest.mark.parametrize(
+    "lines, types",
+    [
+        ([b'{"event_type":"a"}', b'{"event_type":"b","n":1}'], ["a", "b"]),
+        ([b'{"event_type":"a","big":123456789012345678901234567890}', b"", b'{"event_type":"b"}'], ["a", "b"]),
+        ([b'{"event_type":{"nested":1}}', b'{"event_type":"x"}'], ['{"nested": 1}', "x"]),
+        ([b'{"event_type":null}', b'{"event_type":7}', b"{}"], ["(no event_type)", "7", "(no event_type)"]),
+        ([b'{"event_type":"Bestellung abgeschlossen"}', b'{"event_type":"\\u691c\\u7d22"}'],
+         ["Bestellung abgeschlossen", "検索"]),
+    ],
+)
+def test_event_types_are_read_from_every_event(lines, types):
+    events, found = fd.check_events(lines, "m", 1, simdjson.Parser())
+    assert found == types
+    assert events == [line for line in lines if line.strip()]

@@ -119,7 +119,9 @@ def test_long_lines_are_joined_once_and_alone_in_their_batch():
     batches = list(fd.read_lines(io.BytesIO(content), "m", 10 * fd.CHUNK_BYTES))
     assert [line for _, _, lines in batches for line in lines] == [b'{"a":1}', long_line, b'{"b":2}', b'{"c":3}']
     assert ("m", 2, [long_line]) in batches
-    assert fd.check_events([long_line], "m", 2, None) == [long_line]
+    assert fd.check_events([long_line], "m", 2, None) == ([long_line], ["(no event_type)"])
+    typed = b'{"event_type":"big one","blob":"' + b"x" * (2 * fd.CHUNK_BYTES) + b'"}'
+    assert fd.check_events([typed], "m", 2, None) == ([typed], ["big one"])
     with pytest.raises(fd.ExportError, match="m line 2: not a JSON object in UTF-8"):
         fd.check_events([long_line[:-1]], "m", 2, None)
     with pytest.raises(fd.ExportError, match="m line 2: not a JSON object in UTF-8"):
