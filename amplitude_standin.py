@@ -14,6 +14,7 @@ import datetime as dt
 import gzip
 import io
 import json
+import math
 import random
 import shutil
 import threading
@@ -69,6 +70,8 @@ class StandIn:
         timeout_over_hours=None,
         archive_path=None,
         seed=7,
+        stopped_types=None,
+        daily_cycle=False,
     ):
         self.api_key = api_key
         self.secret_key = secret_key
@@ -79,6 +82,8 @@ class StandIn:
         self.timeout_over_hours = timeout_over_hours
         self.archive_path = archive_path
         self.seed = seed
+        self.stopped_types = dict(stopped_types or {})  # event type -> the hour from which it is never sent
+        self.daily_cycle = daily_cycle  # fewer events at night, most in the afternoon, as real traffic
         self.answer_delay = 0.0  # seconds before each answer, to make concurrent requests overlap
         self.in_flight = 0
         self.most_in_flight = 0
@@ -145,7 +150,11 @@ class StandIn:
         if hour in self.empty_hours:
             return []
         rng = random.Random(f"{self.seed}-{hour:%Y%m%d%H}-{part}")
-        return [make_event(hour, part, index, rng) for index in range(self.events_per_part)]
+        stopped = {name for name, since in self.stopped_types.items() if hour >= since}
+        count = self.events_per_part
+        if self.daily_cycle:
+            count = round(count * (0.55 - 0.45 * math.cos((hour.hour - 3) * math.pi / 12)))
+        return [make_event(hour, part, index, rng, stopped) for index in range(count)]
 
     def expected_lines(self, start: dt.datetime, end: dt.datetime) -> list[bytes]:
         """Every event of the range in the order the exporter must write them: hour, then part."""
@@ -158,7 +167,8 @@ class StandIn:
 
     def member(self, hour: dt.datetime, part: int):
         """One hour's part, compressed once and kept: a backfill asks for the same hours again."""
-        key = (hour, part, self.events_per_part, hour in self.empty_hours)
+        key = (hour, part, self.events_per_part, self.daily_cycle, hour in self.empty_hours,
+               tuple(sorted(self.stopped_types.items())))
         if key not in self._members:
             lines = self.events(hour, part)
             packed = gzip.compress(b"\n".join(lines) + b"\n", 6, mtime=0) if lines else None
@@ -296,9 +306,13 @@ def make_handler(standin: StandIn):
 
 
 @contextlib.contextmanager
-def demo_server(api_key: str, secret_key: str):
-    """A stand-in with a realistic amount of data for `fetch_data.py --demo`; yields its base URL."""
-    with StandIn(api_key, secret_key, events_per_part=40, parts_per_hour=2) as standin:
+def demo_server(api_key: str, secret_key: str, now: dt.datetime | None = None):
+    """A stand-in for `fetch_data.py --demo`, with something for its report to find: yesterday has an hour that
+    Amplitude served empty, and `purchase` events stop at its start. Yields its base URL."""
+    now = now or dt.datetime.now(dt.UTC)
+    yesterday = now.replace(minute=0, second=0, microsecond=0, hour=0) - dt.timedelta(days=1)
+    with StandIn(api_key, secret_key, events_per_part=60, parts_per_hour=2, empty_hours={yesterday + 13 * HOUR},
+                 stopped_types={"purchase": yesterday}, daily_cycle=True) as standin:
         yield standin.base_url
 
 
@@ -330,7 +344,7 @@ def hours(start: dt.datetime, end: dt.datetime):
         moment += HOUR
 
 
-def make_event(hour: dt.datetime, part: int, index: int, rng: random.Random) -> bytes:
+def make_event(hour: dt.datetime, part: int, index: int, rng: random.Random, stopped=frozenset()) -> bytes:
     """One event line shaped like Amplitude's: Unicode, integers beyond 2^53, escapes kept as sent."""
     when = hour + dt.timedelta(seconds=rng.randrange(3600), microseconds=rng.randrange(10**6))
     uploaded = when + dt.timedelta(seconds=rng.randrange(1, 30))
@@ -340,7 +354,7 @@ def make_event(hour: dt.datetime, part: int, index: int, rng: random.Random) -> 
         "uuid": f"{rng.getrandbits(128):032x}",
         "app": PROJECT_ID,
         "event_id": rng.randrange(1, 10**6),
-        "event_type": rng.choice(EVENT_TYPES),
+        "event_type": rng.choice([name for name in EVENT_TYPES if name not in stopped] if stopped else EVENT_TYPES),
         "event_time": f"{when:%Y-%m-%d %H:%M:%S.%f}",
         "server_upload_time": f"{uploaded:%Y-%m-%d %H:%M:%S.%f}",
         "client_event_time": f"{when:%Y-%m-%d %H:%M:%S.%f}",

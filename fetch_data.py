@@ -182,6 +182,10 @@ class Settings:
     file_format: str
     gzip: bool
     refetch: bool
+    verify: bool
+    report: bool
+    report_file: Path | None
+    explicit_range: bool  # --date or --start/--end given
     quiet: bool
     demo: bool
     started: dt.datetime
@@ -219,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if settings.report:
+        import report
+
+        return report.run(settings)
     try:
         setup_logging(settings.log_dir, settings.log_level, now, settings.quiet)
     except OSError as exc:
@@ -226,7 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         with serve_demo_if_asked(settings) as settings:
-            return run(settings)
+            exit_code = run(settings)
+        if settings.demo:
+            show_demo_report(settings)
+        return exit_code
     except ExportError as exc:
         log.error("%s", exc)
         return EXIT_FAILED
@@ -262,7 +273,10 @@ def parse_settings(argv: list[str] | None, env, now: dt.datetime, env_files: tup
     start, end = pick_range(args, now)
     catch_up_days = pick_catch_up(pick)
     windows = plan_windows(start - dt.timedelta(days=catch_up_days), end, window_hours)
-    api_key, secret_key = ("demo", "demo") if demo else pick_credentials(env, env_files)
+    if args.report_file and not args.report:
+        raise UsageError("--report-file goes with --report")
+    needs_keys = not (demo or args.report)
+    api_key, secret_key = pick_credentials(env, env_files) if needs_keys else ("demo", "demo")
     return Settings(
         api_key=api_key,
         secret_key=secret_key,
@@ -283,6 +297,10 @@ def parse_settings(argv: list[str] | None, env, now: dt.datetime, env_files: tup
         file_format=pick.choice("format", "AMP_FORMAT", "json", ("json", "jsonl")),
         gzip=args.gzip,
         refetch=args.refetch,
+        verify=args.verify,
+        report=args.report,
+        report_file=Path(args.report_file) if args.report_file else None,
+        explicit_range=bool(args.date or args.start or args.end),
         quiet=pick.switch("quiet", "AMP_QUIET"),
         demo=demo,
         started=now,
@@ -304,6 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     when.add_argument("--end", metavar="WHEN", help="last hour, included: YYYY-MM-DD (its T23) or YYYYMMDDTHH")
     when.add_argument("--window-hours", metavar="N", help="hours per request and per file (env AMP_WINDOW_HOURS, default 24)")
     when.add_argument("--refetch", action="store_true", help="export windows again even if the manifest has them")
+    when.add_argument(
+        "--verify", action="store_true",
+        help="recompute each recorded file's sha256: a file whose bytes changed does not count as exported",
+    )
     when.add_argument(
         "--catch-up", metavar="DAYS",
         help="with the nightly default: also export the hours of the DAYS days before yesterday that the manifest "
@@ -360,7 +382,17 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument(
         "--blob-prefix", metavar="PREFIX", help="blob name prefix (env AZURE_BLOB_PREFIX, default amplitude/events)"
     )
-    parser.add_argument("--demo", action="store_true", help="export from a local stand-in of the API: no credentials, no network")
+    report = parser.add_argument_group("completeness report")
+    report.add_argument(
+        "--report", action="store_true",
+        help="export nothing: write an HTML report of the range (default: the manifest's whole range) and print a "
+        "table per day; exit 1 if an hour is missing",
+    )
+    report.add_argument("--report-file", metavar="PATH", help="where --report writes its page (default <data dir>/report.html)")
+    parser.add_argument(
+        "--demo", action="store_true",
+        help="export the last 7 days from a local stand-in of the API and write its report: no credentials, no network",
+    )
     return parser
 
 
@@ -440,7 +472,8 @@ class SettingPicker:
 
 def pick_catch_up(pick: SettingPicker) -> int:
     """Days before yesterday whose missing hours the nightly run exports too; only with the nightly default."""
-    days = pick.integer("catch_up", "AMP_CATCH_UP_DAYS", 0, 0, 366)
+    # The demo shows a week, so that its report has days to compare.
+    days = pick.integer("catch_up", None if pick.args.demo else "AMP_CATCH_UP_DAYS", 6 if pick.args.demo else 0, 0, 366)
     ranged = pick.args.date or pick.args.start or pick.args.end
     if ranged and pick.args.catch_up is not None:
         raise UsageError("--catch-up goes with the nightly default (yesterday), not with --date or --start/--end")
@@ -554,6 +587,14 @@ def serve_demo_if_asked(settings: Settings):
     return demo()
 
 
+def show_demo_report(settings: Settings) -> None:
+    """The demo ends with its report: the page in the demo's data folder and the table on stdout."""
+    import report
+
+    report.run(dataclasses.replace(settings, explicit_range=True))
+    log.info("Demo: open %s in a browser", (settings.data_dir / "report.html").resolve())
+
+
 def run(settings: Settings) -> int:
     """Export every planned window that is not already exported; exit code 1 if any failed."""
     began = time.monotonic()
@@ -564,7 +605,8 @@ def run(settings: Settings) -> int:
         manifest = data_dir / MANIFEST_NAME
         records = read_manifest(manifest)
         records += finish_interrupted_save(data_dir, manifest, records)
-        covered = set() if settings.refetch else exported_hours(records, data_dir, settings.policy)
+        first, last = settings.windows[0].start, settings.windows[-1].end
+        covered = set() if settings.refetch else exported_hours(records, data_dir, settings.policy, settings.verify, first, last)
         todo = plan_missing(settings.windows, covered)
         skipped = sum(w.hours for w in settings.windows) - sum(w.hours for w in todo)
         if skipped:
@@ -1309,18 +1351,36 @@ def read_manifest(manifest: Path) -> list[dict]:
     return records
 
 
-def exported_hours(records: list[dict], data_dir: Path, policy: dict | None) -> set[dt.datetime]:
-    """Hours exported under `policy` whose file is still there with the recorded size.
+def exported_hours(records: list[dict], data_dir: Path, policy: dict | None, verify: bool,
+                   first: dt.datetime, last: dt.datetime) -> set[dt.datetime]:
+    """Hours from `first` to `last` exported under `policy` whose file is still there with the recorded size (and,
+    with `verify`, the recorded sha256).
 
     Hours exported under other field rules do not count: their files hold other fields than asked for now.
     """
     covered = set()
     for record in records:
-        if record.get("policy") == policy and is_intact(record, data_dir):
-            start = parse_hour(record["start"], "start", last_hour=False)
-            end = parse_hour(record["end"], "end", last_hour=True)
-            covered.update(hours_between(start, end))
+        start = parse_hour(record["start"], "start", last_hour=False)
+        end = parse_hour(record["end"], "end", last_hour=True)
+        if start > last or end < first or record.get("policy") != policy or not is_intact(record, data_dir):
+            continue
+        if verify and file_sha256(data_dir / record["file"]) != record["sha256"]:
+            log.warning("%s: its bytes changed since it was exported; its hours are exported again", record["file"])
+            continue
+        covered.update(hours_between(start, end))
     return covered
+
+
+def file_sha256(path: Path) -> str | None:
+    """The sha256 of a file's bytes, read a megabyte at a time; None when it cannot be read."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as source:
+            while chunk := source.read(CHUNK_BYTES):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()
 
 
 def is_intact(record: dict, data_dir: Path) -> bool:
@@ -1480,6 +1540,16 @@ def read_own_file(path: Path) -> bytes | None:
             return source.read()
     except FileNotFoundError:
         return None
+
+
+def write_atomically(path: Path, content: bytes) -> None:
+    """Write beside `path`, fsync, rename over it: a reader sees the old file or the new one, never half of one."""
+    temp = path.with_name(f".{path.name}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write_durably(temp, content)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
 
 
 def fsync_folder(path: Path) -> None:

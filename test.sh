@@ -34,6 +34,15 @@ if [ "$(cat node_modules/.lock-stamp 2>/dev/null)" != "$node_stamp" ]; then
     npm ci --no-audit --no-fund --loglevel=error
     echo "$node_stamp" >node_modules/.lock-stamp
 fi
+# Debian's chromium for the report's browser tests: playwright drives it (its own browser download cannot work here).
+if [ ! -x /usr/bin/chromium ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get update -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+        echo "test.sh: /usr/bin/chromium is missing and cannot be installed here: the browser tests will be skipped" >&2
+    fi
+fi
 
 .venv/bin/ruff check .
 

@@ -73,7 +73,8 @@ class Cli:
         """Export files under their final names, oldest window first."""
         if not self.data.exists():
             return []
-        return sorted(p for p in self.data.iterdir() if not p.name.startswith(".") and p.name != "manifest.jsonl")
+        own = ("manifest.jsonl", "report.html")
+        return sorted(p for p in self.data.iterdir() if not p.name.startswith(".") and p.name not in own)
 
     def manifest(self) -> list[dict]:
         import json

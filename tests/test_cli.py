@@ -259,9 +259,15 @@ def test_a_log_folder_that_cannot_be_made_is_a_usage_error(cli, standin):
 def test_demo_needs_no_credentials_and_no_network(cli):
     result = cli.run("--demo", AMP_API_KEY=None, AMP_SECRET_KEY=None, AMP_BASE_URL=None)
     assert result.returncode == 0, result.stderr
-    outputs = list((cli.workdir / "demo/data").glob("*_ampl_dump.json"))
-    assert len(outputs) == 1
-    events = json.loads(outputs[0].read_bytes())
-    assert len(events) == 24 * 2 * 40
+    yesterday = fd.yesterday(dt.datetime.now(dt.UTC))
+    manifest = [json.loads(line) for line in (cli.workdir / "demo/data/manifest.jsonl").read_text().splitlines()]
+    assert [r["start"] for r in manifest] == [fd.format_hour(yesterday.start - dt.timedelta(days=d)) for d in range(6, -1, -1)]
+    events = [e for r in manifest for e in json.loads((cli.workdir / "demo/data" / r["file"]).read_bytes())]
+    assert sum(r["events"] for r in manifest) == len(events) > 7 * 24 * 10
     assert any(e["amplitude_id"] > 2**53 for e in events)
     assert "127.0.0.1" in result.stderr
+    # Something for its report to find: yesterday's T13 is empty and purchases stop.
+    assert manifest[-1]["hours"][fd.format_hour(yesterday.start + 13 * fd.HOUR)] == 0
+    assert "purchase" not in manifest[-1]["event_types"] and manifest[-2]["event_types"]["purchase"] > 5
+    assert "empty T13; purchase stopped" in result.stdout
+    assert (cli.workdir / "demo/data/report.html").exists()
