@@ -210,7 +210,8 @@ def test_one_run_at_a_time_per_data_folder(cli, standin):
 def test_a_killed_run_leaves_nothing_half_done_and_the_next_run_completes(cli, standin):
     standin.add_fault("stall", start="20251102T00", end="20251102T23", seconds=30)
     victim = cli.start(*RANGE, "--read-timeout", "60")
-    wait_for(lambda: len(standin.requests) >= 2)
+    # The second window's request starts while the first is being recorded: wait for both.
+    wait_for(lambda: len(standin.requests) >= 2 and len(cli.manifest()) == 1)
     os.kill(victim.pid, signal.SIGKILL)
     victim.communicate()
     assert [r["start"] for r in cli.manifest()] == ["20251101T00"]
