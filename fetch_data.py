@@ -1325,17 +1325,22 @@ def append_manifest(manifest: Path, record: dict) -> None:
         os.fsync(out.fileno())
 
 
-def read_manifest(manifest: Path) -> list[dict]:
-    """The manifest's records; a line torn by a crash mid-append is cut off so the next append starts clean."""
+def read_manifest(manifest: Path, repair: bool = True) -> list[dict]:
+    """The manifest's records; a line torn by a crash mid-append is cut off so the next append starts clean.
+
+    Only a run holding the lock may `repair`: for a reader without it (the report), the last line may be one an
+    export is appending right now.
+    """
     content = read_own_file(manifest)
     if content is None:
         return []
     if content and not content.endswith(b"\n"):
         cut = content.rfind(b"\n") + 1
-        log.warning("%s: removing an incomplete last line left by an interrupted run", manifest)
-        with open_own_file(manifest, os.O_RDWR, "r+b") as fix:
-            fix.truncate(cut)
-            os.fsync(fix.fileno())
+        if repair:
+            log.warning("%s: removing an incomplete last line left by an interrupted run", manifest)
+            with open_own_file(manifest, os.O_RDWR, "r+b") as fix:
+                fix.truncate(cut)
+                os.fsync(fix.fileno())
         content = content[:cut]
     records = []
     for number, line in enumerate(content.splitlines(), 1):

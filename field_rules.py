@@ -17,7 +17,7 @@ import msgspec
 HASH_KEY_VARIABLE = "AMP_HASH_KEY"
 MIN_KEY_CHARS = 32
 KEY_ID_DIGITS = 12
-CACHE_ENTRIES = 200_000  # pseudonyms remembered: user and device IDs repeat across a day's events
+CACHE_ENTRIES = 32_768  # pseudonyms remembered (a few MB): user and device IDs recur within a day
 
 OBJECT = msgspec.json.Decoder(dict[str, msgspec.Raw])
 ENCODE = msgspec.json.Encoder().encode
@@ -76,7 +76,13 @@ def parse_paths(text: str | None, source: str) -> list[str]:
     return list(dict.fromkeys(paths))
 
 
-DROP, HASH = "drop", "hash"
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The rules for the fields of one object: names to drop, names to hash, and objects to look into."""
+
+    dropped: tuple[str, ...] = ()
+    hashed: tuple[str, ...] = ()
+    nested: tuple[tuple[str, Plan], ...] = ()
 
 
 class Pseudonymiser:
@@ -84,7 +90,7 @@ class Pseudonymiser:
 
     def __init__(self, rules: FieldRules):
         self.rules = rules
-        self._plan = plan_of(rules)
+        self._plan = plan_of([path.split(".") for path in rules.dropped], [path.split(".") for path in rules.hashed])
         padded = rules.key if len(rules.key) <= 64 else hashlib.sha256(rules.key).digest()
         padded = padded.ljust(64, b"\0")
         self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in padded))
@@ -92,35 +98,34 @@ class Pseudonymiser:
         self._pseudonyms: dict[bytes, msgspec.Raw] = {}
 
     def apply(self, lines: list[bytes]) -> list[bytes]:
-        return [self.apply_one(line) for line in lines]
+        """Each event with the rules applied, or the very same bytes when it carries none of the fields."""
+        decode, edit, plan = OBJECT.decode, self._edit, self._plan
+        changed = []
+        for line in lines:
+            event = decode(line)
+            # Values kept as they were keep their inner spacing: the line is made compact as a whole.
+            changed.append(FORMAT(ENCODE(event), indent=-1) if edit(event, plan) else line)
+        return changed
 
-    def apply_one(self, line: bytes) -> bytes:
-        """The event with the rules applied, or the very same bytes when it carries none of the fields."""
-        event = OBJECT.decode(line)
-        if not self._edit(event, self._plan):
-            return line
-        # Values kept as they were keep their inner spacing: make the whole line compact.
-        return FORMAT(ENCODE(event), indent=-1)
-
-    def _edit(self, event: dict, plan: dict) -> bool:
+    def _edit(self, event: dict, plan: Plan) -> bool:
         changed = False
-        for name, rule in plan.items():
-            value = event.get(name)
-            if value is None:
-                continue
-            if rule is DROP:
-                del event[name]
+        for name in plan.dropped:
+            if event.pop(name, None) is not None:
                 changed = True
-            elif rule is HASH:
+        for name in plan.hashed:
+            value = event.get(name)
+            if value is not None:
                 raw = bytes(value)
                 if raw != b"null":  # null stays null
                     event[name] = self._pseudonyms.get(raw) or self._pseudonym(raw)
                     changed = True
-            else:
+        for name, inner_plan in plan.nested:
+            value = event.get(name)
+            if value is not None:
                 raw = bytes(value)
                 if raw[:1] == b"{":
                     inner = OBJECT.decode(raw)
-                    if self._edit(inner, rule):
+                    if self._edit(inner, inner_plan):
                         event[name] = msgspec.Raw(ENCODE(inner))
                         changed = True
         return changed
@@ -141,23 +146,18 @@ class Pseudonymiser:
         return outer.hexdigest()
 
 
-def plan_of(rules: FieldRules) -> dict:
-    """The paths as a tree of names: DROP or HASH at a leaf. A field dropped or hashed as a whole covers the paths
-    inside it (dropped wins over hashed)."""
-    plan: dict = {}
-    for rule, paths in ((HASH, rules.hashed), (DROP, rules.dropped)):
-        for path in paths:
-            *parents, name = path.split(".")
-            node = plan
-            for parent in parents:
-                child = node.get(parent)
-                if child in (DROP, HASH):
-                    break
-                node = node.setdefault(parent, {})
-            else:
-                if rule is DROP or node.get(name) is not DROP:
-                    node[name] = rule
-    return plan
+def plan_of(dropped: list[list[str]], hashed: list[list[str]]) -> Plan:
+    """The paths (split at their dots) as a Plan. A field dropped or hashed as a whole covers the paths inside it;
+    a field both dropped and hashed through different paths is dropped."""
+    drop = {path[0] for path in dropped if len(path) == 1}
+    hash_ = {path[0] for path in hashed if len(path) == 1} - drop
+    inside = {path[0] for path in dropped + hashed if len(path) > 1} - drop - hash_
+    nested = tuple(
+        (name, plan_of([p[1:] for p in dropped if len(p) > 1 and p[0] == name],
+                       [p[1:] for p in hashed if len(p) > 1 and p[0] == name]))
+        for name in sorted(inside)
+    )
+    return Plan(tuple(sorted(drop)), tuple(sorted(hash_)), nested)
 
 
 def text_to_hash(raw: bytes) -> bytes:

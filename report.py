@@ -91,7 +91,7 @@ def run(settings) -> int:
     """--report: the page and the table for the range asked for, or the manifest's whole range."""
     data_dir = settings.data_dir
     try:
-        records = fd.read_manifest(data_dir / fd.MANIFEST_NAME)
+        records = fd.read_manifest(data_dir / fd.MANIFEST_NAME, repair=False)  # an export may be appending
     except (fd.ExportError, OSError) as exc:
         print(f"Error: cannot read the manifest in {data_dir}: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
         return fd.EXIT_FAILED

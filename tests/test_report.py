@@ -146,6 +146,16 @@ def test_report_of_a_range_with_missing_hours_exits_1(cli, standin, tmp_path):
     assert standin.requests[1:] == []  # a report asks Amplitude nothing
 
 
+def test_the_report_never_cuts_a_manifest_line_an_export_may_be_appending(cli, standin):
+    assert cli.run(*DAY).returncode == 0
+    manifest = cli.data / "manifest.jsonl"
+    with open(manifest, "a") as out:
+        out.write('{"start":"20251102T00","end":"2025')
+    before = manifest.read_bytes()
+    assert cli.run("--report", *DAY).returncode == 0
+    assert manifest.read_bytes() == before
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
