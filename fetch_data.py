@@ -89,6 +89,9 @@ HOUR = dt.timedelta(hours=1)
 HOUR_FORMAT = "%Y%m%dT%H"
 CHUNK_BYTES = 1 << 20
 MIN_READ_BYTES = 64 << 10
+# Compressed bytes isal's thread reads at a time; each decompresses to several times that, and two wait in its
+# queue, so the default 1 MiB cost about 15 MB of a highly compressed member.
+DECOMPRESS_BLOCK_BYTES = 256 << 10
 MAX_BATCH_LINES = 20_000
 GZIP_LEVEL = isal_zlib.ISAL_DEFAULT_COMPRESSION
 MANIFEST_NAME = "manifest.jsonl"
@@ -874,7 +877,7 @@ def unzip(zip_path: Path, span: Window, max_event_bytes: int):
 def open_member(raw):
     """A gzip member is decompressed on isal's own thread; a member of plain JSON lines is read as it is."""
     if raw.peek(2)[:2] == GZIP_MAGIC:
-        return igzip_threaded.open(raw, "rb", threads=1)
+        return igzip_threaded.open(raw, "rb", threads=1, block_size=DECOMPRESS_BLOCK_BYTES)
     return contextlib.nullcontext(raw)
 
 

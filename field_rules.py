@@ -8,6 +8,7 @@ its order and every other value's text as Amplitude sent it (Unicode, integers o
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -17,7 +18,7 @@ import msgspec
 HASH_KEY_VARIABLE = "AMP_HASH_KEY"
 MIN_KEY_CHARS = 32
 KEY_ID_DIGITS = 12
-CACHE_ENTRIES = 32_768  # pseudonyms remembered (a few MB): user and device IDs recur within a day
+CACHE_ENTRIES = 32_768  # pseudonyms remembered per field (up to about 8 MB each): IDs recur all day
 
 OBJECT = msgspec.json.Decoder(dict[str, msgspec.Raw])
 ENCODE = msgspec.json.Encoder().encode
@@ -95,7 +96,9 @@ class Pseudonymiser:
         padded = padded.ljust(64, b"\0")
         self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in padded))
         self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in padded))
-        self._pseudonyms: dict[bytes, msgspec.Raw] = {}
+        # One memory per field name, so that IDs seen once (device IDs of one-time visitors) do not push out the
+        # users who come back all day.
+        self._pseudonyms: dict[str, dict[bytes, msgspec.Raw]] = collections.defaultdict(dict)
 
     def apply(self, lines: list[bytes]) -> list[bytes]:
         """Each event with the rules applied, or the very same bytes when it carries none of the fields."""
@@ -117,7 +120,8 @@ class Pseudonymiser:
             if value is not None:
                 raw = bytes(value)
                 if raw != b"null":  # null stays null
-                    event[name] = self._pseudonyms.get(raw) or self._pseudonym(raw)
+                    known = self._pseudonyms[name]
+                    event[name] = known.get(raw) or self._pseudonym(raw, known)
                     changed = True
         for name, inner_plan in plan.nested:
             value = event.get(name)
@@ -130,12 +134,12 @@ class Pseudonymiser:
                         changed = True
         return changed
 
-    def _pseudonym(self, raw: bytes) -> msgspec.Raw:
-        """A value's pseudonym, computed once and remembered: the same IDs recur all day."""
-        if len(self._pseudonyms) >= CACHE_ENTRIES:
-            self._pseudonyms.clear()
-        known = self._pseudonyms[raw] = msgspec.Raw(b'"' + self._hmac(text_to_hash(raw)).encode() + b'"')
-        return known
+    def _pseudonym(self, raw: bytes, known: dict[bytes, msgspec.Raw]) -> msgspec.Raw:
+        """A value's pseudonym, computed and remembered in `known`, which starts afresh when full."""
+        if len(known) >= CACHE_ENTRIES:
+            known.clear()
+        pseudonym = known[raw] = msgspec.Raw(b'"' + self._hmac(text_to_hash(raw)).encode() + b'"')
+        return pseudonym
 
     def _hmac(self, message: bytes) -> str:
         """HMAC-SHA256 (RFC 2104) from precomputed pad states: the same digest as hmac.new, several times faster."""

@@ -277,14 +277,13 @@ def problems_html(report: Report) -> str:
 
 
 def days_html(report: Report) -> str:
-    rows = "".join(
+    rows = [
         f'<tr class="{"missing" if day.missing else "flagged" if day.flags else ""}"><td>{day.day}</td>'
         f'<td class="n">{day.events}{"*" if day.by_window_only else ""}</td><td class="n">{day.exported}</td>'
         f'<td class="n">{day.missing}</td><td>{html.escape("; ".join(day.flags))}</td></tr>'
         for day in report.days
-    )
-    return ('<table id="days"><thead><tr><th>Day (UTC)</th><th>Events</th><th>Hours exported</th>'
-            f"<th>Hours missing</th><th>Flags</th></tr></thead><tbody>{rows}</tbody></table>")
+    ]
+    return table_html("days", ["Day (UTC)", "Events", "Hours exported", "Hours missing", "Flags"], rows)
 
 
 def types_html(report: Report, columns: int = 12) -> str:
@@ -293,7 +292,6 @@ def types_html(report: Report, columns: int = 12) -> str:
         totals.update(day.types)
     names = [name for name, _ in totals.most_common(columns)]
     others = len(totals) > len(names)
-    head = "".join(f"<th>{html.escape(name)}</th>" for name in names) + ("<th>other types</th>" if others else "")
     rows = []
     for day in report.days:
         stopped = {flag.removesuffix(" stopped") for flag in day.type_flags if flag.endswith(" stopped")}
@@ -306,19 +304,23 @@ def types_html(report: Report, columns: int = 12) -> str:
             cells += f'<td class="n">{sum(day.types.values()) - sum(day.types[name] for name in names)}</td>'
         changes = html.escape("; ".join(day.type_flags))
         rows.append(f"<tr><td>{day.day}</td>{cells}<td>{changes}</td></tr>")
-    return (f'<table id="types"><thead><tr><th>Day (UTC)</th>{head}<th>Changes</th></tr></thead>'
-            f'<tbody>{"".join(rows)}</tbody></table>')
+    headers = ["Day (UTC)", *map(html.escape, names), *(["other types"] if others else []), "Changes"]
+    return table_html("types", headers, rows)
 
 
 def files_html(report: Report) -> str:
-    rows = "".join(
+    rows = [
         f'<tr class="{"" if row["state"] == "intact" else "missing"}"><td>{row["window"]}</td>'
         f'<td>{html.escape(row["file"])}</td><td class="n">{row["events"]}</td><td class="n">{row["bytes"]}</td>'
         f'<td class="hash">{row["sha256"]}</td><td>{"yes" if row["uploaded"] else "no"}</td><td>{row["state"]}</td></tr>'
         for row in report.files
-    )
-    return ('<table id="files"><thead><tr><th>Window</th><th>File</th><th>Events</th><th>Bytes</th><th>sha256</th>'
-            f"<th>Uploaded</th><th>State</th></tr></thead><tbody>{rows}</tbody></table>")
+    ]
+    return table_html("files", ["Window", "File", "Events", "Bytes", "sha256", "Uploaded", "State"], rows)
+
+
+def table_html(table_id: str, headers: list[str], rows: list[str]) -> str:
+    head = "".join(f"<th>{header}</th>" for header in headers)
+    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
 STYLE = """

@@ -9,6 +9,7 @@ import re
 import pytest
 
 import fetch_data as fd
+import field_rules
 from field_rules import FieldRules, Pseudonymiser, RuleError, rules_from
 from tests.conftest import API_KEY, hour
 
@@ -174,3 +175,10 @@ def test_a_short_hash_key_is_refused_before_any_request(cli, standin):
     assert result.stderr.strip() == "Error: AMP_HASH_KEY must be at least 32 characters (it has 9)"
     assert standin.requests == []
     assert "too-short" not in result.stderr
+
+
+def test_pseudonyms_stay_right_when_their_memory_starts_afresh(monkeypatch):
+    monkeypatch.setattr(field_rules, "CACHE_ENTRIES", 3)
+    lines = [f'{{"user_id":"u{n % 5}","device_id":"d{n}"}}'.encode() for n in range(20)]
+    out = [json.loads(line) for line in rules((), ["user_id", "device_id"]).apply(lines)]
+    assert out == [{"user_id": pseudonym(f"u{n % 5}"), "device_id": pseudonym(f"d{n}")} for n in range(20)]
