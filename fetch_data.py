@@ -7,7 +7,6 @@ Ranges, resume, splitting of too-large windows, parallel windows and formats: se
 from __future__ import annotations
 
 import argparse
-import codecs
 import collections
 import contextlib
 import dataclasses
@@ -32,7 +31,6 @@ import threading
 import time
 import urllib.parse
 import uuid
-import zipfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -46,11 +44,12 @@ if sys.version_info < (3, 11):  # noqa: UP036 - the check is for interpreters ol
     )
     raise SystemExit(2)
 try:
-    import msgspec
     import requests
     import simdjson
     from dotenv import load_dotenv
-    from isal import igzip_threaded, isal_zlib
+    from isal import isal_zlib
+
+    from archive import CHUNK_BYTES, BadEvent, CorruptArchive, check_events, first_text_line, member_hour, unzip
 except ImportError as missing:
     venv_python = HERE / ".venv" / "bin" / "python"
     install = f"{sys.executable} -m pip install -r {HERE / 'requirements.txt'}"
@@ -87,12 +86,6 @@ MAX_WINDOW_HOURS = 365 * 24  # The Export API's own limit for one request.
 FRESHNESS = dt.timedelta(hours=2)  # Amplitude makes events exportable about 2 hours after upload.
 HOUR = dt.timedelta(hours=1)
 HOUR_FORMAT = "%Y%m%dT%H"
-CHUNK_BYTES = 1 << 20
-MIN_READ_BYTES = 64 << 10
-# Compressed bytes isal's thread reads at a time; each decompresses to several times that, and two wait in its
-# queue, so the default 1 MiB cost about 15 MB of a highly compressed member.
-DECOMPRESS_BLOCK_BYTES = 256 << 10
-MAX_BATCH_LINES = 20_000
 GZIP_LEVEL = isal_zlib.ISAL_DEFAULT_COMPRESSION
 MANIFEST_NAME = "manifest.jsonl"
 LOCK_NAME = ".lock"
@@ -103,17 +96,8 @@ ERROR_BODY_CHARS = 200
 ERROR_BODY_BYTES = 4096
 NO_DATA_TEXT = "Raw data files were not found"  # Amplitude's 404 body for a range without events
 TOO_LARGE_TEXT = "too large"  # in Amplitude's 400 body for an export over its 4 GB limit
-UTF8_BOM = b"\xef\xbb\xbf"
-NO_EVENT_TYPE = "(no event_type)"
-GZIP_MAGIC = b"\x1f\x8b"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
-# Seen in Amplitude archives: <project>/<project>_<YYYY-MM-DD>_<H>#<N>.json.gz, the hour not zero-padded.
-MEMBER_NAME = re.compile(r"_(\d{4}-\d{2}-\d{2})_(\d{1,2})#(\d+)\.json(?:\.gz)?$")
-# Names of files that are not data: macOS resource forks and folders some zip tools add.
-NOT_DATA_MEMBER = re.compile(r"(^|/)(__MACOSX/|\._)")
-# A whole line checked for being one JSON object without building its values (see is_long_event).
-LONG_EVENT = msgspec.json.Decoder(dict[str, msgspec.Raw])
 
 
 class UsageError(Exception):
@@ -135,10 +119,6 @@ class Retryable(Exception):
         super().__init__(reason)
         self.wait = wait
         self.status = status
-
-
-class CorruptArchive(Exception):
-    """The 200 body is not a readable zip of gzip members: download it again."""
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -847,196 +827,11 @@ def write_to_local(zip_path: Path, writer: EventWriter, settings: Settings, pars
             events, types = check_events(lines, member, first_line_number, parser)
             writer.write_events(settings.field_rules.apply(events) if settings.field_rules else events)
             writer.tally.add(member_hour(member), types)
+    except BadEvent as exc:  # the archive passed its CRC check: downloading it again would not help
+        raise ExportError(str(exc)) from None
     except CorruptArchive as exc:
         writer.rollback(mark)
         raise Retryable(f"the archive is damaged ({exc})", settings.delay_seconds) from None
-
-
-def unzip(zip_path: Path, span: Window, max_event_bytes: int):
-    """Yield (member, first line number, lines) in hour order, decompressing each member as a stream.
-
-    Whatever zipfile, gzip or the decompressor raise (bad CRC, encryption, an unknown compression method, a name
-    that cannot be decoded, ...) means the archive is damaged: the caller undoes it and downloads it again.
-    """
-    try:
-        with zipfile.ZipFile(zip_path) as archive:
-            members, skipped = sort_members(archive.infolist())
-            for name in skipped:
-                log.warning("%s: skipping archive member %s, not a data file (.json or .json.gz)", span, name)
-            for name in members_outside(members, span):
-                log.warning("%s: archive member %s is named for an hour outside the window; exporting it", span, name)
-            for member in members:
-                with archive.open(member) as raw, open_member(raw) as events:
-                    yield from read_lines(events, member.filename, max_event_bytes)
-    except ExportError:
-        raise
-    except Exception as exc:
-        raise CorruptArchive(f"{type(exc).__name__}: {first_text_line(exc)}") from None
-
-
-def open_member(raw):
-    """A gzip member is decompressed on isal's own thread; a member of plain JSON lines is read as it is."""
-    if raw.peek(2)[:2] == GZIP_MAGIC:
-        return igzip_threaded.open(raw, "rb", threads=1, block_size=DECOMPRESS_BLOCK_BYTES)
-    return contextlib.nullcontext(raw)
-
-
-def read_lines(stream, member: str, max_event_bytes: int):
-    """Batches of complete lines, about CHUNK_BYTES at a time, without the newline or a leading byte-order mark.
-
-    A line that spans whole chunks is kept as a list of pieces, joined once when it ends, so it costs about its own
-    length and linear time; it comes alone in its batch. A line over `max_event_bytes` fails once that much of it
-    is read.
-    """
-    tail = b""  # the unfinished end of the last chunk
-    pieces: list[bytes] = []  # whole chunks without a newline that followed it
-    held = 0  # bytes of the unfinished line: tail and pieces
-    line_number = 1
-    read_size = MIN_READ_BYTES  # grows to CHUNK_BYTES at once unless the lines are tiny
-    while chunk := stream.read(min(read_size, max_event_bytes + 1 - held)):
-        if b"\n" not in chunk:
-            pieces.append(chunk)
-            held += len(chunk)
-            ensure_short(held, max_event_bytes, member, line_number)
-            continue
-        if pieces:
-            first_end = chunk.index(b"\n")
-            ensure_short(held + first_end, max_event_bytes, member, line_number)
-            long_line = b"".join([tail, *pieces, chunk[:first_end]])
-            tail, pieces = b"", []
-            yield member, line_number, without_boms([long_line])
-            line_number += 1
-            chunk = chunk[first_end + 1 :]
-        text_size = len(tail) + len(chunk)
-        lines = (tail + chunk).split(b"\n")
-        tail = lines.pop()
-        held = len(tail)
-        if text_size > max_event_bytes:
-            for offset, line in enumerate(lines):
-                ensure_short(len(line), max_event_bytes, member, line_number + offset)
-        ensure_short(held, max_event_bytes, member, line_number + len(lines))
-        if lines:
-            # memchr finds the BOM's first byte about fifty times faster than a search for all three.
-            has_bom = lines[0].startswith(UTF8_BOM) or (UTF8_BOM[:1] in chunk and UTF8_BOM in chunk)
-            yield member, line_number, without_boms(lines) if has_bom else lines
-            line_number += len(lines)
-            # Each line is a Python object of 40 bytes or more: a megabyte of tiny lines would cost tens of megabytes.
-            read_size = min(CHUNK_BYTES, max(MIN_READ_BYTES, text_size * MAX_BATCH_LINES // len(lines)))
-    if tail or pieces:
-        yield member, line_number, without_boms([b"".join([tail, *pieces])])
-
-
-def ensure_short(size: int, max_event_bytes: int, member: str, line_number: int) -> None:
-    if size > max_event_bytes:
-        raise ExportError(
-            f"{member} line {line_number}: longer than {max_event_bytes} bytes (--max-event-bytes); "
-            "raise the limit if such events are expected"
-        )
-
-
-def without_boms(lines: list[bytes]) -> list[bytes]:
-    """A UTF-8 byte-order mark is an encoding marker, not part of the event that follows it."""
-    return [line[len(UTF8_BOM):] if line.startswith(UTF8_BOM) else line for line in lines]
-
-
-def check_events(lines: list[bytes], member: str, first_line_number: int, parser) -> tuple[list[bytes], list[str]]:
-    """The lines that are events, each checked to be one UTF-8 JSON object, and their event types; blank lines
-    are dropped."""
-    if len(lines) == 1 and len(lines[0]) > CHUNK_BYTES:
-        return lines, [long_event_type(lines[0], member, first_line_number)]
-    parse = parser.parse
-    types: list = []
-    blanks: list[int] = []
-    rest = iter(lines)
-    while True:
-        try:
-            for line in rest:
-                types.append(parse(line)["event_type"])
-            break
-        except Exception as exc:  # a blank line, an event without event_type, JSON simdjson refuses (big integers)
-            position = len(types) + len(blanks)
-            # simdjson takes microseconds to say a key is missing: after the first, lines are looked at more closely.
-            careful = itertools.islice(lines, position, None) if isinstance(exc, KeyError) else [lines[position]]
-            for number, line in enumerate(careful, first_line_number + position):
-                name = event_type_of(line, member, number, parser)
-                if name is None:
-                    blanks.append(number - first_line_number)
-                else:
-                    types.append(name)
-            if isinstance(exc, KeyError):
-                break
-    if not all(type(name) is str for name in types):  # an event_type that is not text: its proxy is gone already
-        return check_slowly(lines, member, first_line_number, parser)
-    if blanks:
-        dropped = set(blanks)
-        lines = [line for position, line in enumerate(lines) if position not in dropped]
-    return lines, types
-
-
-def check_slowly(lines: list[bytes], member: str, first_line_number: int, parser) -> tuple[list[bytes], list[str]]:
-    events, types = [], []
-    for number, line in enumerate(lines, first_line_number):
-        name = event_type_of(line, member, number, parser)
-        if name is not None:
-            events.append(line)
-            types.append(name)
-    return events, types
-
-
-def event_type_of(line: bytes, member: str, number: int, parser) -> str | None:
-    """The event type of a line that is one JSON object; None for a blank line; an ExportError for anything else."""
-    if not line.strip():
-        return None
-    try:
-        value = parser.parse(line)
-        if type(value) is simdjson.Object:
-            if b'"event_type"' not in line:  # no key by that name, unless written with escapes: json looks then
-                if b"\\" not in line:
-                    return NO_EVENT_TYPE
-            else:
-                name = value["event_type"]
-                if type(name) is str:
-                    return name
-    except Exception:
-        pass
-    try:
-        # Decoded as UTF-8 first: json.loads would take UTF-16 and UTF-32 bytes too, which no JSON reader expects.
-        value = json.loads(line.decode("utf-8"), parse_constant=reject_constant)
-    except (ValueError, RecursionError):
-        value = None
-    if isinstance(value, dict):
-        return type_name(value.get("event_type"))
-    raise not_an_event(member, number, line)
-
-
-def long_event_type(line: bytes, member: str, number: int) -> str:
-    """A line of megabytes, checked without building its values: simdjson and json would need three times its size."""
-    try:
-        event = LONG_EVENT.decode(line)
-        decoder = codecs.getincrementaldecoder("utf-8")()
-        view = memoryview(line)
-        for offset in range(0, len(view), CHUNK_BYTES):
-            decoder.decode(view[offset : offset + CHUNK_BYTES])
-        decoder.decode(b"", final=True)
-    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
-        raise not_an_event(member, number, line) from None
-    name = event.get("event_type")
-    return type_name(None if name is None else json.loads(bytes(name)))
-
-
-def type_name(value) -> str:
-    """An event type as the manifest counts it: its text, or its JSON when it is not text."""
-    if isinstance(value, str):
-        return value
-    return NO_EVENT_TYPE if value is None else json.dumps(value, ensure_ascii=False)
-
-
-def not_an_event(member: str, number: int, line: bytes) -> ExportError:
-    return ExportError(f"{member} line {number}: not a JSON object in UTF-8: {line[:80]!r}")
-
-
-def reject_constant(name: str):
-    raise ValueError(f"{name} is not JSON")
 
 
 class EventWriter:
@@ -1633,11 +1428,6 @@ def exception_chain(exc: BaseException) -> list[BaseException]:
     return found
 
 
-def first_text_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:ERROR_BODY_CHARS] if text else type(exc).__name__
-
-
 # Pure helpers: time arithmetic and naming.
 
 
@@ -1724,44 +1514,6 @@ def is_plain_name(name) -> bool:
     return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
 
 
-def sort_members(members: list[zipfile.ZipInfo]) -> tuple[list[zipfile.ZipInfo], list[str]]:
-    """The data members in hour order, and the names of the others (folders excepted)."""
-    data, skipped = [], []
-    for member in members:
-        if member.is_dir():
-            continue
-        is_data = member.filename.lower().endswith((".json", ".json.gz")) and not NOT_DATA_MEMBER.search(member.filename)
-        (data if is_data else skipped).append(member if is_data else member.filename)
-    return sorted(data, key=lambda m: member_order_key(m.filename)), skipped
-
-
-def members_outside(members: list[zipfile.ZipInfo], span: Window) -> list[str]:
-    """Names of members whose name gives an hour outside `span`."""
-    outside = []
-    for member in members:
-        hour = member_hour(member.filename)
-        if hour is not None and not span.start <= hour <= span.end:
-            outside.append(member.filename)
-    return outside
-
-
-def member_hour(name: str) -> dt.datetime | None:
-    found = MEMBER_NAME.search(name)
-    if not found:
-        return None
-    try:
-        return dt.datetime.strptime(found.group(1), "%Y-%m-%d").replace(tzinfo=dt.UTC) + int(found.group(2)) * HOUR
-    except ValueError:
-        return None
-
-
-def member_order_key(name: str) -> tuple:
-    """Hour order for archive members: date, hour, part number (the hour is not zero-padded in names)."""
-    found = MEMBER_NAME.search(name)
-    if found:
-        day, hour, part = found.groups()
-        return 0, day, int(hour), int(part), name
-    return 1, "", 0, 0, name
 
 
 if __name__ == "__main__":

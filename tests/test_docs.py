@@ -5,6 +5,7 @@ import re
 
 import pytest
 
+import archive
 import fetch_data as fd
 from tests.conftest import ROOT
 
@@ -70,7 +71,7 @@ def messages_the_program_prints(tmp_path, monkeypatch, caplog) -> list[str]:
         return f"Error: {caught.value}"
 
     def failure(call, *args):
-        with pytest.raises((fd.ExportError, fd.Retryable)) as caught:
+        with pytest.raises((fd.ExportError, fd.Retryable, archive.BadEvent)) as caught:
             call(*args)
         return str(caught.value)
 
@@ -116,8 +117,8 @@ def messages_the_program_prints(tmp_path, monkeypatch, caplog) -> list[str]:
             raise requests.ConnectionError("late")
 
     messages.append(failure(fd.download, SlowSession(), hour, settings, tmp_path / "slow.zip"))
-    messages.append(failure(fd.ensure_short, 20, 10, "m.json.gz", 3))
-    messages.append(failure(fd.check_events, [b"not json"], "m.json.gz", 3, simdjson.Parser()))
+    messages.append(failure(archive.ensure_short, 20, 10, "m.json.gz", 3))
+    messages.append(failure(archive.check_events, [b"not json"], "m.json.gz", 3, simdjson.Parser()))
     (tmp_path / "manifest.jsonl").symlink_to(tmp_path / "elsewhere")
     messages.append(failure(fd.read_own_file, tmp_path / "manifest.jsonl"))
     with fd.hold_lock(tmp_path):

@@ -11,6 +11,7 @@ import requests
 import responses
 import simdjson
 
+import archive
 import fetch_data as fd
 from amplitude_standin import build_archive, member_name
 from tests.conftest import as_array, hour
@@ -190,13 +191,13 @@ def test_a_line_that_is_not_json_names_member_and_line(settings, session, tmp_pa
 
 @pytest.mark.parametrize("line", [b"[1, 2]", b'"text"', b"NaN", b'{"a": NaN}', b'{"a":"\xff"}', b'{"a":1} {"b":2}'])
 def test_only_json_objects_pass_as_events(line):
-    with pytest.raises(fd.ExportError, match="m.json.gz line 8: not a JSON object"):
-        fd.check_events([b'{"a":1}', line], "m.json.gz", 7, simdjson.Parser())
+    with pytest.raises(archive.BadEvent, match="m.json.gz line 8: not a JSON object"):
+        archive.check_events([b'{"a":1}', line], "m.json.gz", 7, simdjson.Parser())
 
 
 def test_events_are_kept_byte_for_byte_and_blank_lines_dropped():
     lines = [b'{"a":"\\u00fc","b":"\xc3\xbc"}', b"  ", b'{"big": 123456789012345678901234567890}', b'{ "spaced" : 1 }\r']
-    assert fd.check_events(lines, "m", 1, simdjson.Parser()) == ([lines[0], lines[2], lines[3]], ["(no event_type)"] * 3)
+    assert archive.check_events(lines, "m", 1, simdjson.Parser()) == ([lines[0], lines[2], lines[3]], ["(no event_type)"] * 3)
 
 
 @pytest.mark.parametrize(
@@ -211,6 +212,6 @@ def test_events_are_kept_byte_for_byte_and_blank_lines_dropped():
     ],
 )
 def test_event_types_are_read_from_every_event(lines, types):
-    events, found = fd.check_events(lines, "m", 1, simdjson.Parser())
+    events, found = archive.check_events(lines, "m", 1, simdjson.Parser())
     assert found == types
     assert events == [line for line in lines if line.strip()]

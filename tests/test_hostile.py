@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-import fetch_data as fd
+import archive
 from amplitude_standin import NOT_FOUND_TEXT, build_archive, member_name
 from tests.conftest import as_array, hour
 
@@ -108,24 +108,24 @@ class CountingStream:
 
 def test_a_line_that_never_ends_is_refused_after_reading_at_most_the_limit():
     stream = CountingStream()
-    with pytest.raises(fd.ExportError, match="m.json.gz line 1: longer than 3000000 bytes"):
-        list(fd.read_lines(stream, "m.json.gz", 3_000_000))
+    with pytest.raises(archive.BadEvent, match="m.json.gz line 1: longer than 3000000 bytes"):
+        list(archive.read_lines(stream, "m.json.gz", 3_000_000))
     assert stream.taken == 3_000_001
 
 
 def test_long_lines_are_joined_once_and_alone_in_their_batch():
-    long_line = b'{"k":"' + b"x" * (3 * fd.CHUNK_BYTES) + b'"}'
+    long_line = b'{"k":"' + b"x" * (3 * archive.CHUNK_BYTES) + b'"}'
     content = b'{"a":1}\n' + long_line + b'\n{"b":2}\n{"c":3}'
-    batches = list(fd.read_lines(io.BytesIO(content), "m", 10 * fd.CHUNK_BYTES))
+    batches = list(archive.read_lines(io.BytesIO(content), "m", 10 * archive.CHUNK_BYTES))
     assert [line for _, _, lines in batches for line in lines] == [b'{"a":1}', long_line, b'{"b":2}', b'{"c":3}']
     assert ("m", 2, [long_line]) in batches
-    assert fd.check_events([long_line], "m", 2, None) == ([long_line], ["(no event_type)"])
-    typed = b'{"event_type":"big one","blob":"' + b"x" * (2 * fd.CHUNK_BYTES) + b'"}'
-    assert fd.check_events([typed], "m", 2, None) == ([typed], ["big one"])
-    with pytest.raises(fd.ExportError, match="m line 2: not a JSON object in UTF-8"):
-        fd.check_events([long_line[:-1]], "m", 2, None)
-    with pytest.raises(fd.ExportError, match="m line 2: not a JSON object in UTF-8"):
-        fd.check_events([long_line[:100] + b"\xff" + long_line[100:]], "m", 2, None)
+    assert archive.check_events([long_line], "m", 2, None) == ([long_line], ["(no event_type)"])
+    typed = b'{"event_type":"big one","blob":"' + b"x" * (2 * archive.CHUNK_BYTES) + b'"}'
+    assert archive.check_events([typed], "m", 2, None) == ([typed], ["big one"])
+    with pytest.raises(archive.BadEvent, match="m line 2: not a JSON object in UTF-8"):
+        archive.check_events([long_line[:-1]], "m", 2, None)
+    with pytest.raises(archive.BadEvent, match="m line 2: not a JSON object in UTF-8"):
+        archive.check_events([long_line[:100] + b"\xff" + long_line[100:]], "m", 2, None)
 
 
 # 3. A damaged archive never stops the run

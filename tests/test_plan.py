@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+import archive
 import fetch_data as fd
 from tests.conftest import hour
 
@@ -115,7 +116,7 @@ def test_members_sort_by_hour_then_part_not_by_string():
         "187/187_2025-11-01_9#0.json.gz",
         "readme.txt",
     ]
-    assert sorted(names, key=fd.member_order_key) == [
+    assert sorted(names, key=archive.member_order_key) == [
         "187/187_2025-10-31_23#0.json.gz",
         "187/187_2025-11-01_2#0.json.gz",
         "187/187_2025-11-01_2#1.json.gz",
