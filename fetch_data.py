@@ -963,6 +963,9 @@ def save_window(finished: Finished, settings: Settings, manifest: Path, several:
         fsync_folder(data_dir)
         append_manifest(manifest, record)
         journal.unlink()
+    except ExportError:  # a link planted where the journal goes
+        finished.temp_path.unlink(missing_ok=True)
+        raise
     except OSError as exc:
         finished.temp_path.unlink(missing_ok=True)
         raise ExportError(f"cannot save {finished.window} in {data_dir}: {exc.strerror or exc}") from None

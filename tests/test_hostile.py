@@ -309,6 +309,7 @@ def test_a_journal_link_is_refused_when_the_window_is_saved_too(cli, standin, tm
     assert process.returncode == 1
     assert ".ampl-commit.json is a symbolic link; remove it" in stderr
     assert target.read_bytes() == b"do not touch\n"
+    assert cli.leftovers() == [cli.data / ".ampl-commit.json"]  # the link; no temporary file
 
 
 @pytest.mark.parametrize("replacement", ["symlink", "directory"])
