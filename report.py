@@ -251,7 +251,8 @@ def render_html(report: Report) -> str:
         verdict=html.escape(verdict), verdict_class="bad" if report.missing else "good", totals=totals,
         rule=RULE_TEXT, problems=problems_html(report), days=days_html(report), types=types_html(report),
         files=files_html(report), payload=payload, style=STYLE, script=SCRIPT,
-        checked="sha256 recomputed (--verify)" if report.verified else "size checked (sha256 with --verify)",
+        checked="Each file's sha256 was recomputed (--verify)." if report.verified
+        else "Each file's size was checked; --verify recomputes its sha256.",
     )
 
 
@@ -397,7 +398,8 @@ collapsed)</p>
 <div class="scroll">{days}</div>
 <h2>Event types by day</h2>
 <div class="scroll">{types}</div>
-<h2>Files ({checked})</h2>
+<h2>Files</h2>
+<p>{checked}</p>
 <div class="scroll">{files}</div>
 <script id="report-data" type="application/json">{payload}</script>
 <script>{script}</script>
