@@ -1019,8 +1019,7 @@ def parse_journal(content: bytes) -> dict | None:
     """The export record a journal holds, or None unless it has every field and names a plain file name."""
     try:
         record = json.loads(content)
-        parse_hour(record["start"], "start", last_hour=False)
-        parse_hour(record["end"], "end", last_hour=True)
+        record_window(record)
         sound = all(type(record[key]) is int and record[key] >= 0 for key in ("events", "bytes"))
         sound = sound and re.fullmatch(r"[0-9a-f]{64}", str(record["sha256"])) is not None
         sound = sound and is_plain_name(record["file"]) and isinstance(record["finished_at"], str)
@@ -1147,8 +1146,7 @@ def read_manifest(manifest: Path, repair: bool = True) -> list[dict]:
     for number, line in enumerate(content.splitlines(), 1):
         try:
             record = json.loads(line)
-            parse_hour(record["start"], "start", last_hour=False)
-            parse_hour(record["end"], "end", last_hour=True)
+            record_window(record)
             if not is_plain_name(record["file"]):
                 raise ValueError("a manifest names files in the data folder only")
             records.append(record)
@@ -1166,15 +1164,24 @@ def exported_hours(records: list[dict], data_dir: Path, policy: dict | None, ver
     """
     covered = set()
     for record in records:
-        start = parse_hour(record["start"], "start", last_hour=False)
-        end = parse_hour(record["end"], "end", last_hour=True)
-        if start > last or end < first or record.get("policy") != policy or not is_intact(record, data_dir):
+        window = record_window(record)
+        if window.start > last or window.end < first or record.get("policy") != policy:
             continue
-        if verify and file_sha256(data_dir / record["file"]) != record["sha256"]:
+        state = file_state(record, data_dir, verify)
+        if state == "changed" and verify:
             log.warning("%s: its bytes changed since it was exported; its hours are exported again", record["file"])
-            continue
-        covered.update(hours_between(start, end))
+        if state == "intact":
+            covered.update(hours_between(window.start, window.end))
     return covered
+
+
+def file_state(record: dict, data_dir: Path, verify: bool) -> str:
+    """'intact', 'gone' or 'changed': by size and type, and with `verify` by sha256 as well."""
+    if not is_intact(record, data_dir):
+        return "changed" if os.path.lexists(data_dir / record["file"]) else "gone"
+    if verify and file_sha256(data_dir / record["file"]) != record["sha256"]:
+        return "changed"
+    return "intact"
 
 
 def file_sha256(path: Path) -> str | None:
@@ -1467,6 +1474,11 @@ def parse_hour(text: str, source: str, last_hour: bool) -> dt.datetime:
     except ValueError:
         raise UsageError(f"{source} {text}: no such date or hour") from None
     raise UsageError(f"{source} {text!r}: expected YYYY-MM-DD or YYYYMMDDTHH (UTC)")
+
+
+def record_window(record: dict) -> Window:
+    """The hours a manifest line covers; a UsageError (or KeyError) when it does not say them right."""
+    return Window(parse_hour(record["start"], "start", last_hour=False), parse_hour(record["end"], "end", last_hour=True))
 
 
 def format_hour(moment: dt.datetime) -> str:

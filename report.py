@@ -99,8 +99,8 @@ def run(settings) -> int:
     if settings.explicit_range:
         start, end = settings.windows[0].start, settings.windows[-1].end
     elif exports:
-        start = min(fd.parse_hour(r["start"], "start", last_hour=False) for r in exports)
-        end = max(fd.parse_hour(r["end"], "end", last_hour=True) for r in exports)
+        start = min(fd.record_window(r).start for r in exports)
+        end = max(fd.record_window(r).end for r in exports)
     else:
         print(f"Error: {data_dir / fd.MANIFEST_NAME} records no export: give a range with --date or --start/--end",
               file=sys.stderr)
@@ -120,11 +120,12 @@ def run(settings) -> int:
 def build_report(records: list[dict], data_dir: Path, start: dt.datetime, end: dt.datetime, verify: bool) -> Report:
     exports = [r for r in records if "bytes" in r and overlaps(r, start, end)]
     uploaded = {(r["file"], r.get("sha256")) for r in records if "blob" in r}
-    state = {r["file"]: file_state(r, data_dir, verify) for r in exports}
+    state = {r["file"]: fd.file_state(r, data_dir, verify) for r in exports}
     hours = {moment: Hour(moment, missing="never exported") for moment in fd.hours_between(start, end)}
     owner: dict[dt.datetime, dict] = {}  # the export each hour is counted from: the last intact one
     for record in exports:
-        for moment in record_hours(record):
+        window = fd.record_window(record)
+        for moment in fd.hours_between(window.start, window.end):
             if moment not in hours:
                 continue
             if state[record["file"]] == "intact":
@@ -137,14 +138,6 @@ def build_report(records: list[dict], data_dir: Path, start: dt.datetime, end: d
     days = build_days(list(hours.values()), current)
     files = [file_row(r, state[r["file"]], (r["file"], r["sha256"]) in uploaded) for r in exports]
     return Report(start, end, list(hours.values()), days, files, verify)
-
-
-def file_state(record: dict, data_dir: Path, verify: bool) -> str:
-    if not fd.is_intact(record, data_dir):
-        return "gone" if not (data_dir / record["file"]).exists() else "changed"
-    if verify and fd.file_sha256(data_dir / record["file"]) != record["sha256"]:
-        return "changed"
-    return "intact"
 
 
 def flag_hours(hours: dict[dt.datetime, Hour]) -> None:
@@ -172,7 +165,7 @@ def build_days(hours: list[Hour], current: list[dict]) -> list[Day]:
         if hour.count is not None:
             by_day[hour.moment.date()].events += hour.count
     for record in current:
-        day = by_day.get(fd.parse_hour(record["start"], "start", last_hour=False).date())
+        day = by_day.get(fd.record_window(record).start.date())
         if day is None:
             continue
         day.types.update(record.get("event_types", {}))
@@ -196,15 +189,9 @@ def file_row(record: dict, state: str, uploaded: bool) -> dict:
             "bytes": record["bytes"], "sha256": record["sha256"], "uploaded": uploaded, "state": state}
 
 
-def record_hours(record: dict):
-    return fd.hours_between(fd.parse_hour(record["start"], "start", last_hour=False),
-                            fd.parse_hour(record["end"], "end", last_hour=True))
-
-
 def overlaps(record: dict, start: dt.datetime, end: dt.datetime) -> bool:
-    first = fd.parse_hour(record["start"], "start", last_hour=False)
-    last = fd.parse_hour(record["end"], "end", last_hour=True)
-    return first <= end and last >= start
+    window = fd.record_window(record)
+    return window.start <= end and window.end >= start
 
 
 # Output: the table on stdout and the page.
