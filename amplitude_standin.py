@@ -85,7 +85,9 @@ class StandIn:
         self.stopped_types = dict(stopped_types or {})  # event type -> the hour from which it is never sent
         self.daily_cycle = daily_cycle  # fewer events at night, most in the afternoon, as real traffic
         self.answer_delay = 0.0  # seconds before each answer, to make concurrent requests overlap
+        self.gate: threading.Event | None = None  # when set to an Event, answers wait until it is set
         self.in_flight = 0
+        self.arrived = 0  # requests received, counted before any gate or delay
         self.most_in_flight = 0
         self.faults: deque[Fault] = deque()
         self._members: dict = {}
@@ -134,6 +136,7 @@ class StandIn:
     def counting_in_flight(self):
         with self._lock:
             self.in_flight += 1
+            self.arrived += 1
             self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
             yield
@@ -185,6 +188,8 @@ def make_handler(standin: StandIn):
 
         def do_GET(self):
             with standin.counting_in_flight():
+                if standin.gate is not None:
+                    standin.gate.wait(60)
                 time.sleep(standin.answer_delay)
                 self.answer()
 

@@ -1,4 +1,4 @@
-"""The unzip stage of fetch_data.py: an Export API archive in, checked event lines and their event types out.
+"""The unzip stage: an Export API archive in, checked event lines and their event types out.
 
 Members are read in hour order, each decompressed as a stream on isal's own thread; lines come in batches of
 about a megabyte, a line costing about its own length however long it is; every line is checked to be one JSON
@@ -17,19 +17,16 @@ import logging
 import re
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import msgspec
 import simdjson
 from isal import igzip_threaded
 
-if TYPE_CHECKING:
-    from fetch_data import Window
+from errors import first_text_line
+from windows import HOUR, Window
 
 log = logging.getLogger("fetch_data")
 
-HOUR = dt.timedelta(hours=1)
-MESSAGE_CHARS = 200  # an error's text in a message: its first line, cut to this
 CHUNK_BYTES = 1 << 20
 MIN_READ_BYTES = 64 << 10
 # Compressed bytes isal's thread reads at a time; each decompresses to several times that, and two wait in its
@@ -240,12 +237,6 @@ def not_an_event(member: str, number: int, line: bytes) -> BadEvent:
 
 def reject_constant(name: str):
     raise ValueError(f"{name} is not JSON")
-
-
-def first_text_line(exc: BaseException) -> str:
-    """The first line of an exception's text, for a one-line message."""
-    text = str(exc).strip()
-    return text.splitlines()[0][:MESSAGE_CHARS] if text else type(exc).__name__
 
 
 # Members: which are data, and their order.

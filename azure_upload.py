@@ -1,4 +1,4 @@
-"""Upload finished exports to Azure Blob Storage, for `fetch_data.py --upload`.
+"""The upload stage: finished exports to Azure Blob Storage (`--upload`), each recorded in the manifest.
 
 Optional: the Azure SDK packages come from requirements-azure.txt and are imported only when --upload is used.
 Nothing here ever puts a key, a connection string or a SAS token into a message: errors name the account and the
@@ -8,9 +8,17 @@ container, and describe the failure by its type and status, never by the SDK's t
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from pathlib import Path
 from urllib.parse import urlsplit
+
+import msgspec
+
+from store import MANIFEST_NAME, Export, Upload, append_manifest, is_intact
+from windows import iso_utc, now_utc
+
+log = logging.getLogger("fetch_data")
 
 REQUIREMENTS_FILE = "requirements-azure.txt"
 BLOCK_BYTES = 4 * 1024 * 1024  # blocks of this size are read from the file and sent one at a time: flat memory
@@ -63,16 +71,17 @@ def ensure_installed() -> None:
         ) from None
 
 
-def target_from(env, container: str, prefix: str) -> Target:
-    """The upload target from AZURE_* variables; ValueError with a one-line reason when they do not add up."""
+def target_from(credentials, container: str, prefix: str) -> Target:
+    """The upload target from the AZURE_STORAGE_* credentials (a mapping by variable name); ValueError with a
+    one-line reason when they do not add up."""
     if not CONTAINER_NAME.match(container):
         raise ValueError(
             f"container name {container!r} is not valid in Azure: 3 to 63 lowercase letters, digits and single hyphens"
         )
     prefix = prefix.strip("/")
-    connection_string = env.get("AZURE_STORAGE_CONNECTION_STRING", "").strip()
-    account_url = env.get("AZURE_STORAGE_ACCOUNT_URL", "").strip().rstrip("/")
-    sas_token = env.get("AZURE_STORAGE_SAS_TOKEN", "").strip().lstrip("?")
+    connection_string = (credentials.get("AZURE_STORAGE_CONNECTION_STRING") or "").strip()
+    account_url = (credentials.get("AZURE_STORAGE_ACCOUNT_URL") or "").strip().rstrip("/")
+    sas_token = (credentials.get("AZURE_STORAGE_SAS_TOKEN") or "").strip().lstrip("?")
     if connection_string:
         return Target(container, prefix, endpoint_of(connection_string), connection_string=connection_string)
     if not account_url:
@@ -191,3 +200,62 @@ class Uploader:
         if isinstance(exc, HttpResponseError):
             return f"Azure answered{answer} for {where}"
         return f"upload to {where} failed ({type(exc).__name__})"
+
+
+class Uploads:
+    """Each finished file to Azure, recorded in the manifest; the first storage failure stops the stage."""
+
+    def __init__(self, target: Target, data_dir: Path):
+        self.target = target
+        self.data_dir = data_dir
+        self.uploader = Uploader(target)
+        self.failure: str | None = None
+
+    def send_pending(self, records: list) -> None:
+        pending = pending_uploads(records, self.data_dir)
+        if pending:
+            log.info("Uploading %d file(s) exported earlier and not yet uploaded", len(pending))
+        for record in pending:
+            self.send(record)
+
+    def send(self, record: Export) -> None:
+        if self.failure:
+            return
+        blob = self.target.blob_name(record.start, record.file)
+        metadata = {"window_start": record.start, "window_end": record.end, "events": str(record.events),
+                    "sha256": record.sha256}
+        if record.policy:
+            metadata["policy"] = msgspec.json.encode(record.policy).decode()
+        try:
+            sent = self.uploader.send(
+                self.data_dir / record.file, blob, content_type_of(record.file), record.file.endswith(".gz"), metadata,
+            )
+        except UploadError as exc:
+            self.failure = str(exc)
+            return
+        append_manifest(self.data_dir / MANIFEST_NAME, Upload(
+            start=record.start, end=record.end, file=record.file, blob=blob, sha256=record.sha256,
+            uploaded_at=iso_utc(now_utc()),
+        ))
+        verb = "Uploaded" if sent else "Already uploaded (same sha256)"
+        log.info("%s %s to %s/%s", verb, record.file, self.target.container, blob)
+
+
+def pending_uploads(records: list, data_dir: Path) -> list[Export]:
+    """Exported files still on disk with their recorded size whose bytes no manifest line records as uploaded."""
+    uploaded = {(r.file, r.sha256) for r in records if isinstance(r, Upload)}
+    pending, seen = [], set()
+    for record in records:
+        if not isinstance(record, Export):
+            continue
+        key = (record.file, record.sha256)
+        if key in uploaded or key in seen:
+            continue
+        if is_intact(record, data_dir):
+            pending.append(record)
+            seen.add(key)
+    return pending
+
+
+def content_type_of(file_name: str) -> str:
+    return "application/x-ndjson" if file_name.removesuffix(".gz").endswith(".jsonl") else "application/json"

@@ -1,4 +1,4 @@
-"""Field rules for fetch_data.py: drop and pseudonymise personal data in each event while it streams.
+"""Field rules: drop and pseudonymise personal data in each event while it streams.
 
 `--drop-fields` removes fields; `--hash-fields` replaces each value by the hex HMAC-SHA256 of its text, keyed by
 AMP_HASH_KEY, so the same user gets the same pseudonym in every file and nobody without the key can test
@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import hmac
 import json
 
 import msgspec
@@ -45,7 +46,7 @@ class FieldRules:
         return {"dropped": sorted(self.dropped), "hashed": sorted(self.hashed), "key_id": self.key_id}
 
 
-def rules_from(dropped_text: str | None, hashed_text: str | None, env, sources=("--drop-fields", "--hash-fields")):
+def rules_from(dropped_text: str | None, hashed_text: str | None, key: str, sources=("--drop-fields", "--hash-fields")):
     """The rules asked for by --drop-fields / --hash-fields, checked before any request; None when there are none.
 
     `sources` name where each text came from (a flag or its variable), for the messages.
@@ -57,7 +58,7 @@ def rules_from(dropped_text: str | None, hashed_text: str | None, env, sources=(
         raise RuleError(f"{', '.join(both)}: a field is either dropped or hashed, not both")
     if not (dropped or hashed):
         return None
-    key = env.get(HASH_KEY_VARIABLE, "") if hashed else ""
+    key = key if hashed else ""
     if hashed and not key:
         raise RuleError(f"--hash-fields needs {HASH_KEY_VARIABLE} (in .env or the environment, never a flag)")
     if hashed and len(key) < MIN_KEY_CHARS:
@@ -92,10 +93,7 @@ class Pseudonymiser:
     def __init__(self, rules: FieldRules):
         self.rules = rules
         self._plan = plan_of([path.split(".") for path in rules.dropped], [path.split(".") for path in rules.hashed])
-        padded = rules.key if len(rules.key) <= 64 else hashlib.sha256(rules.key).digest()
-        padded = padded.ljust(64, b"\0")
-        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in padded))
-        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in padded))
+        self._key = rules.key
         # One memory per field name, so that IDs seen once (device IDs of one-time visitors) do not push out the
         # users who come back all day.
         self._pseudonyms: dict[str, dict[bytes, msgspec.Raw]] = collections.defaultdict(dict)
@@ -138,16 +136,8 @@ class Pseudonymiser:
         """A value's pseudonym, computed and remembered in `known`, which starts afresh when full."""
         if len(known) >= CACHE_ENTRIES:
             known.clear()
-        pseudonym = known[raw] = msgspec.Raw(b'"' + self._hmac(text_to_hash(raw)).encode() + b'"')
+        pseudonym = known[raw] = msgspec.Raw(b'"%b"' % hmac.digest(self._key, text_to_hash(raw), "sha256").hex().encode())
         return pseudonym
-
-    def _hmac(self, message: bytes) -> str:
-        """HMAC-SHA256 (RFC 2104) from precomputed pad states: the same digest as hmac.new, several times faster."""
-        inner = self._inner.copy()
-        inner.update(message)
-        outer = self._outer.copy()
-        outer.update(inner.digest())
-        return outer.hexdigest()
 
 
 def plan_of(dropped: list[list[str]], hashed: list[list[str]]) -> Plan:

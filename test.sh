@@ -1,10 +1,19 @@
 #!/usr/bin/env bash
-# The test command: installs what the tests need (Python packages into .venv, Azurite from npm), starts Azurite
-# on 127.0.0.1, runs ruff and pytest (arguments go to pytest), and stops Azurite whatever happens.
-# Installs are skipped when nothing changed since the last run; everything a run writes lives in .test-work/
-# and is removed at the end (pytest keeps the folders of failed tests there for a look).
+# The test command: installs what the tests need (Python packages into .venv, Azurite from npm, Debian's
+# chromium), starts Azurite on 127.0.0.1, runs ruff and pytest (other arguments go to pytest), and stops Azurite
+# whatever happens. Installs are skipped when nothing changed since the last run; everything a run writes lives in
+# .test-work/ and is removed at the end (pytest keeps the folders of failed tests there for a look).
+#
+#   bash test.sh            everything
+#   bash test.sh --quick    ruff, the unit tests and the end-to-end tests marked quick: no Azurite, no browser
 set -euo pipefail
 cd "$(dirname "$0")"
+
+quick=0
+if [ "${1:-}" = "--quick" ]; then
+    quick=1
+    shift
+fi
 
 python=${PYTHON:-python3}
 if ! command -v "$python" >/dev/null; then
@@ -29,6 +38,30 @@ if [ "$(cat .venv/.requirements-stamp 2>/dev/null)" != "$python_stamp" ]; then
     .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
     echo "$python_stamp" >.venv/.requirements-stamp
 fi
+.venv/bin/ruff check .
+
+work="$PWD/.test-work"
+# Temporary files of the tests (hundreds of MB) go to .test-work/, never to /tmp.
+export TMPDIR="$work/tmp"
+run_pytest() {
+    mkdir -p "$TMPDIR"
+    status=0
+    .venv/bin/python -m pytest -p no:cacheprovider --basetemp "$work/pytest" "$@" || status=$?
+    rm -rf "$TMPDIR"
+    if [ "$status" -eq 0 ]; then
+        rm -rf "$work/pytest"
+        rmdir "$work" 2>/dev/null || true
+    else
+        echo "test.sh: the folders of failed tests are in $work/pytest" >&2
+    fi
+    return "$status"
+}
+
+if [ "$quick" = 1 ]; then
+    run_pytest -m "(quick or not e2e) and not slow and not azure and not browser" "$@"
+    exit
+fi
+
 node_stamp=$(stamp_of package.json package-lock.json)
 if [ "$(cat node_modules/.lock-stamp 2>/dev/null)" != "$node_stamp" ]; then
     npm ci --no-audit --no-fund --loglevel=error
@@ -44,9 +77,6 @@ if [ ! -x /usr/bin/chromium ]; then
     fi
 fi
 
-.venv/bin/ruff check .
-
-work="$PWD/.test-work"
 rm -rf "$work/azurite"
 mkdir -p "$work/azurite"
 azurite_pid=""
@@ -92,15 +122,4 @@ if [ -z "$AZURITE_BLOB_ENDPOINT" ]; then
 fi
 export AZURITE_BLOB_ENDPOINT
 
-# Temporary files of the tests (hundreds of MB) go to .test-work/pytest, never to /tmp.
-export TMPDIR="$work/tmp"
-mkdir -p "$TMPDIR"
-status=0
-.venv/bin/python -m pytest -p no:cacheprovider --basetemp "$work/pytest" "$@" || status=$?
-rm -rf "$TMPDIR"
-if [ "$status" -eq 0 ]; then
-    rm -rf "$work/pytest"
-else
-    echo "test.sh: the folders of failed tests are in $work/pytest" >&2
-fi
-exit "$status"
+run_pytest "$@"

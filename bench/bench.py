@@ -1,4 +1,4 @@
-"""Benchmark: fetch_data.py against the floor (curl, then unzip -p | gzip -dc) and the seed's in-memory approach.
+"""Benchmark: fetch_data.py against the floor (curl, then unzip -p | gzip -dc) and the naive in-memory approach.
 
     .venv/bin/python bench/bench.py                      # 250 MB and 1 GB of events, 3 rounds
     .venv/bin/python bench/bench.py --sizes 250 --rounds 5 --variants json
@@ -15,6 +15,7 @@ import gzip
 import itertools
 import os
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -45,7 +46,7 @@ def main() -> int:
     WORK.mkdir(parents=True, exist_ok=True)
     rows = []
     for size_mb in args.sizes:
-        archive, events = ensure_archive(size_mb)
+        archive, events = ensure_archive(size_mb, args.kind)
         with StandIn("bench", "bench", archive_path=archive) as standin:
             rows += measure_size(size_mb, events, standin.base_url, args)
     print_table(rows)
@@ -56,40 +57,56 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[250, 1000], help="MB of events")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--kind", choices=("distinct", "pooled"), default="distinct",
+                        help="distinct: every event its own device_id (default); pooled: IDs recur from a pool of 20,000")
     parser.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS), help=",".join(VARIANTS))
-    parser.add_argument("--no-seed", action="store_true", help="skip the seed's in-memory reference")
+    parser.add_argument("--no-in-memory", action="store_true", help="skip the in-memory reference")
     return parser.parse_args()
 
 
-def ensure_archive(size_mb: int) -> tuple[Path, int]:
-    """The benchmark's archive for size_mb, built once and cached in bench/work/."""
-    archive = WORK / f"export_{size_mb}mb.zip"
+def ensure_archive(size_mb: int, kind: str) -> tuple[Path, int]:
+    """The benchmark's archive for size_mb and kind, built once and cached in bench/work/."""
+    archive = WORK / f"export_{size_mb}mb_{kind}.zip"
     count_file = archive.with_suffix(".events")
     if not (archive.exists() and count_file.exists()):
         print(f"building {archive} ...", file=sys.stderr)
-        count_file.write_text(str(build_archive_file(archive, size_mb)))
+        count_file.write_text(str(build_archive_file(archive, size_mb, distinct=kind == "distinct")))
     return archive, int(count_file.read_text())
 
 
-def build_archive_file(archive: Path, size_mb: int, level: int = 6) -> int:
-    """About size_mb MB of realistic event lines for one day, 24 hours x 2 parts; returns the event count."""
+def build_archive_file(archive: Path, size_mb: int, level: int = 6, distinct: bool = False) -> int:
+    """About size_mb MB of realistic event lines for one day; returns the event count.
+
+    Pooled: 24 hours x 2 parts, events from a pool of 20,000, so IDs recur as a day's active users do. Distinct:
+    24 members of one hour each, every event with a device_id of its own, which no pseudonym cache helps with.
+    """
     rng = random.Random(size_mb)
     first = dt.datetime.strptime(DAY, "%Y-%m-%d").replace(tzinfo=dt.UTC)
     pool = [make_event(first, i % 2, i, rng) for i in range(POOL_SIZE)]
-    per_member = size_mb * 1_000_000 // (24 * PARTS_PER_HOUR)
+    parts = 1 if distinct else PARTS_PER_HOUR
+    per_member = size_mb * 1_000_000 // (24 * parts)
     events = 0
     lines = itertools.cycle(pool)
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as out:
-        for hour, part in itertools.product(range(24), range(PARTS_PER_HOUR)):
+        for hour, part in itertools.product(range(24), range(parts)):
             chunk, size = [], 0
             while size < per_member:
                 line = next(lines)
+                if distinct:
+                    line = with_own_device_id(line, events + len(chunk))
                 chunk.append(line)
                 size += len(line) + 1
             events += len(chunk)
             name = member_name(first + dt.timedelta(hours=hour), part)
             out.writestr(name, gzip.compress(b"\n".join(chunk) + b"\n", level))
     return events
+
+
+DEVICE_ID = re.compile(rb'"device_id": ?"[0-9a-f]{16}"')
+
+
+def with_own_device_id(line: bytes, number: int) -> bytes:
+    return DEVICE_ID.sub(b'"device_id":"%016x"' % (0xD5C0000000000 + number), line, count=1)
 
 
 def measure_size(size_mb: int, events: int, base_url: str, args) -> list[dict]:
@@ -102,10 +119,10 @@ def measure_size(size_mb: int, events: int, base_url: str, args) -> list[dict]:
             sys.executable, str(ROOT / "fetch_data.py"), "--date", DAY, "--data-dir", str(out / variant),
             "--log-dir", str(out / "logs"), "--refetch", *VARIANTS[variant],
         ]
-    if not args.no_seed:
-        commands["seed approach"] = [
-            sys.executable, str(ROOT / "bench" / "seed_reference.py"), base_url + "/api/2/export", START, END,
-            str(out / "seed.json"),
+    if not args.no_in_memory:
+        commands["in-memory approach"] = [
+            sys.executable, str(ROOT / "bench" / "in_memory_reference.py"), base_url + "/api/2/export", START, END,
+            str(out / "in_memory.json"),
         ]
     results = {name: [] for name in commands}
     for round_number in range(args.rounds):
@@ -117,13 +134,13 @@ def measure_size(size_mb: int, events: int, base_url: str, args) -> list[dict]:
             print(f"{size_mb} MB round {round_number + 1}: {name}: {results[name][-1]}", file=sys.stderr)
     shutil.rmtree(out, ignore_errors=True)
     floor = median_of(results["floor"])
-    seed = median_of(results["seed approach"]) if "seed approach" in results else None
+    in_memory = median_of(results["in-memory approach"]) if "in-memory approach" in results else None
     rows = []
     for name, samples in results.items():
         wall, rss = median_of(samples)
         rows.append({
             "size": f"{size_mb} MB", "command": name, "wall": wall, "rss": rss,
-            "vs_floor": wall / floor[0], "vs_seed": wall / seed[0] if seed else None,
+            "vs_floor": wall / floor[0], "vs_in_memory": wall / in_memory[0] if in_memory else None,
         })
     return rows
 
@@ -160,8 +177,8 @@ def check_output(name: str, out: Path, events: int) -> None:
     """Each command must have produced every event, so no row is fast by skipping work."""
     if name == "floor":
         produced = (out / "floor.jsonl").read_bytes().count(b"\n")
-    elif name == "seed approach":
-        produced = events if (out / "seed.json").stat().st_size > 0 else 0
+    elif name == "in-memory approach":
+        produced = events if (out / "in_memory.json").stat().st_size > 0 else 0
     else:
         manifest = next(out.glob("*/manifest.jsonl"))
         produced = int(manifest.read_text().split('"events":')[1].split(",")[0])
@@ -174,11 +191,12 @@ def median_of(samples: list[tuple[float, float]]) -> tuple[float, float]:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("| size | command | wall s (median) | peak RSS MB (median) | wall / floor | wall / seed |")
+    print("| size | command | wall s (median) | peak RSS MB (median) | wall / floor | wall / in-memory |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for row in rows:
-        vs_seed = f"{row['vs_seed']:.2f}" if row["vs_seed"] is not None else "-"
-        print(f"| {row['size']} | {row['command']} | {row['wall']:.2f} | {row['rss']:.0f} | {row['vs_floor']:.2f} | {vs_seed} |")
+        in_memory = f"{row['vs_in_memory']:.2f}" if row["vs_in_memory"] is not None else "-"
+        cells = [row["size"], row["command"], f"{row['wall']:.2f}", f"{row['rss']:.0f}", f"{row['vs_floor']:.2f}", in_memory]
+        print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 import datetime as dt
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,38 +35,61 @@ def standin():
         yield server
 
 
-class Cli:
-    """fetch_data.py run as a user runs it: a subprocess in its own folder, talking HTTP to the stand-in."""
+# fetch_data.py run with its clock set: windows.now_utc, which every module takes the time from, answers `now`.
+AT_A_GIVEN_TIME = (
+    "import datetime, runpy, sys; sys.path.insert(0, sys.argv[1]); import windows; "
+    "moment = datetime.datetime.fromisoformat(sys.argv[2]); windows.now_utc = lambda: moment; "
+    "sys.argv = sys.argv[3:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
 
-    def __init__(self, workdir: Path, standin: StandIn):
-        self.workdir = workdir
+
+def copy_project(destination: Path) -> Path:
+    """The project's code as a fresh clone has it, in `destination`: what a run writes by default lands there."""
+    destination.mkdir(parents=True)
+    for source in ROOT.glob("*.py"):
+        shutil.copy2(source, destination / source.name)
+    shutil.copytree(ROOT / "templates", destination / "templates")
+    return destination
+
+
+class Cli:
+    """fetch_data.py run as a user runs it: a subprocess started in a folder of its own (`workdir`), from a copy of
+    the project whose path holds a space, talking HTTP to the stand-in."""
+
+    def __init__(self, tmp_path: Path, standin: StandIn):
+        self.workdir = tmp_path / "work dir"
+        self.workdir.mkdir()
+        self.project = copy_project(tmp_path / "amplitude export")
         self.standin = standin
-        self.data = workdir / "data"
-        self.logs = workdir / "logs"
+        self.data = self.project / "data"
+        self.logs = self.project / "logs"
 
     def env(self, **extra) -> dict:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AMP_", "AZURE_"))}
         env.update(
             AMP_API_KEY=API_KEY, AMP_SECRET_KEY=SECRET_KEY, AMP_BASE_URL=self.standin.base_url, AMP_DELAY_SECONDS="0",
-            PYTHONPATH=str(ROOT),
         )
+        env.pop("PYTHONPATH", None)
         env.update({k: v for k, v in extra.items() if v is not None})
         for key in [k for k, v in extra.items() if v is None]:
             env.pop(key, None)
         return env
 
-    def command(self, *args) -> list[str]:
-        return [sys.executable, str(ROOT / "fetch_data.py"), *args]
+    def command(self, *args, now: dt.datetime | None = None) -> list[str]:
+        script = str(self.project / "fetch_data.py")
+        if now is None:
+            return [sys.executable, script, *args]
+        return [sys.executable, "-c", AT_A_GIVEN_TIME, str(self.project), now.isoformat(), script, *args]
 
-    def run(self, *args, timeout=120, **env) -> subprocess.CompletedProcess:
+    def run(self, *args, timeout=120, now=None, **env) -> subprocess.CompletedProcess:
         return subprocess.run(
-            self.command(*args), cwd=self.workdir, env=self.env(**env), capture_output=True, text=True,
+            self.command(*args, now=now), cwd=self.workdir, env=self.env(**env), capture_output=True, text=True,
             timeout=timeout, stdin=subprocess.DEVNULL,
         )
 
-    def start(self, *args, **env) -> subprocess.Popen:
+    def start(self, *args, now=None, **env) -> subprocess.Popen:
         return subprocess.Popen(
-            self.command(*args), cwd=self.workdir, env=self.env(**env), stdout=subprocess.PIPE,
+            self.command(*args, now=now), cwd=self.workdir, env=self.env(**env), stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
         )
 
@@ -105,3 +129,16 @@ def assert_no_secrets(result: subprocess.CompletedProcess, cli: Cli) -> None:
         assert SECRET_KEY not in text
         assert "Authorization" not in text
         assert "Basic " not in text
+
+
+def pytest_collection_modifyitems(items):
+    """Markers from what a test uses: `e2e` (fetch_data.py as a subprocess), `azure` (Azurite), `browser`
+    (Chromium). `bash test.sh --quick` runs the unit tests and the end-to-end tests marked `quick`."""
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        if "cli" in fixtures:
+            item.add_marker(pytest.mark.e2e)
+        if "azurite" in fixtures:
+            item.add_marker(pytest.mark.azure)
+        if "browser" in fixtures:
+            item.add_marker(pytest.mark.browser)

@@ -205,7 +205,7 @@ def test_upload_without_the_azure_packages_says_which_file_to_install(cli, stand
     shadow = tmp_path / "shadow" / "azure"
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text("")
-    pythonpath = f"{tmp_path / 'shadow'}{os.pathsep}{cli.env()['PYTHONPATH']}"
+    pythonpath = str(tmp_path / "shadow")
     result = cli.run(*DAY, "--upload", AZURE_STORAGE_CONNECTION_STRING="AccountName=a", PYTHONPATH=pythonpath)
     assert result.returncode == 2
     assert result.stderr.strip() == "Error: --upload needs the Azure packages: pip install -r requirements-azure.txt"

@@ -14,10 +14,15 @@ import simdjson
 import archive
 import fetch_data as fd
 from amplitude_standin import build_archive, member_name
+from errors import ExportError
+from export_api import CONNECT_TIMEOUT, TooLarge, fetch
+from settings import parse_settings
 from tests.conftest import as_array, hour
+from windows import Window
+from writer import EventWriter
 
 URL = "https://analytics.eu.amplitude.com/api/2/export"
-SPAN = fd.Window(hour("20251101T00"), hour("20251101T23"))
+SPAN = Window(hour("20251101T00"), hour("20251101T23"))
 
 
 def member(hour_text: str, part: int, lines: list[bytes]) -> tuple[str, bytes]:
@@ -30,7 +35,7 @@ ARCHIVE = build_archive([member("20251101T10", 0, ARCHIVE_LINES[2:]), member("20
 
 @pytest.fixture
 def settings(tmp_path):
-    base = fd.parse_settings(["--date", "2025-11-01"], {"AMP_API_KEY": "key", "AMP_SECRET_KEY": "secret"},
+    base = parse_settings(["--date", "2025-11-01"], {"AMP_API_KEY": "key", "AMP_SECRET_KEY": "secret"},
                              dt.datetime(2025, 11, 7, tzinfo=dt.UTC))
     return dataclasses.replace(base, data_dir=tmp_path)
 
@@ -42,11 +47,18 @@ def session():
         yield s
 
 
+def fetch_into(writer, span, session, settings, sleep):
+    """The fetch stage as the pipeline wires it: each downloaded archive written by write_to_local."""
+    parser = simdjson.Parser()
+    fetch(span, session, settings.api, lambda zip_path: fd.write_to_local(zip_path, writer, settings, parser, span),
+          settings.data_dir, sleep=sleep)
+
+
 def run_fetch(settings, session, tmp_path, span=SPAN):
     waits = []
-    writer = fd.EventWriter(tmp_path / "out.part", "json", gzip=False)
+    writer = EventWriter(tmp_path / "out.part", "json", gzip=False)
     try:
-        fd.fetch(span, writer, session, settings, simdjson.Parser(), sleep=waits.append)
+        fetch_into(writer, span, session, settings, waits.append)
         writer.finish()
     except BaseException:
         writer.discard()
@@ -61,7 +73,7 @@ def test_request_carries_window_basic_auth_and_timeouts(settings, session, tmp_p
     request = responses.calls[0].request
     assert request.params == {"start": "20251101T00", "end": "20251101T23"}
     assert request.headers["Authorization"] == "Basic " + base64.b64encode(b"key:secret").decode()
-    assert request.req_kwargs["timeout"] == (fd.CONNECT_TIMEOUT, fd.READ_TIMEOUT)
+    assert request.req_kwargs["timeout"] == (CONNECT_TIMEOUT, 300)
     assert request.req_kwargs["stream"] is True
     assert content == as_array(ARCHIVE_LINES)
     assert waits == []
@@ -82,21 +94,22 @@ def test_server_errors_and_rate_limits_are_retried_with_the_seeds_waits(settings
 @responses.activate
 def test_five_failures_end_in_max_fetch_attempts_reached(settings, session, tmp_path, caplog):
     responses.get(URL, status=502)
-    with pytest.raises(fd.ExportError, match="Max fetch attempts reached"):
+    with pytest.raises(ExportError, match="Max fetch attempts reached"):
         run_fetch(settings, session, tmp_path)
     assert len(responses.calls) == 5
-    assert "Max fetch attempts reached" in caplog.text
+    # The stage raises it; the pipeline logs it once, with its window.
+    assert "Max fetch attempts reached" not in caplog.text
     assert not list(tmp_path.iterdir())
 
 
 @responses.activate
 def test_max_attempts_and_delay_are_knobs(settings, session, tmp_path):
     responses.get(URL, status=500)
-    tuned = dataclasses.replace(settings, max_attempts=3, delay_seconds=0.25)
-    writer = fd.EventWriter(tmp_path / "x.part", "json", False)
+    tuned = dataclasses.replace(settings, api=dataclasses.replace(settings.api, max_attempts=3, delay_seconds=0.25))
+    writer = EventWriter(tmp_path / "x.part", "json", False)
     waits = []
-    with pytest.raises(fd.ExportError):
-        fd.fetch(SPAN, writer, session, tuned, simdjson.Parser(), sleep=waits.append)
+    with pytest.raises(ExportError):
+        fetch_into(writer, SPAN, session, tuned, waits.append)
     assert waits == [0.25, 0.25]
     assert len(responses.calls) == 3
 
@@ -136,7 +149,7 @@ def test_a_200_that_is_not_a_sound_archive_is_retried(settings, session, tmp_pat
 @responses.activate
 def test_rejected_credentials_fail_at_once(settings, session, tmp_path, status):
     responses.get(URL, status=status, body="Invalid API key")
-    with pytest.raises(fd.ExportError, match=r"rejected the credentials .*--region us"):
+    with pytest.raises(ExportError, match=r"rejected the credentials .*--region us"):
         run_fetch(settings, session, tmp_path)
     assert len(responses.calls) == 1
 
@@ -152,7 +165,7 @@ def test_404_is_an_empty_window(settings, session, tmp_path):
 @responses.activate
 def test_400_too_large_asks_for_a_split(settings, session, tmp_path):
     responses.get(URL, status=400, body="The file size of the exported data is too large.\nmore")
-    with pytest.raises(fd.TooLarge, match="HTTP 400: The file size of the exported data is too large.$"):
+    with pytest.raises(TooLarge, match="HTTP 400: The file size of the exported data is too large.$"):
         run_fetch(settings, session, tmp_path)
     assert len(responses.calls) == 1
 
@@ -160,7 +173,7 @@ def test_400_too_large_asks_for_a_split(settings, session, tmp_path):
 @responses.activate
 def test_504_after_every_attempt_asks_for_a_split_of_a_long_window(settings, session, tmp_path):
     responses.get(URL, status=504)
-    with pytest.raises(fd.TooLarge, match="504"):
+    with pytest.raises(TooLarge, match="504"):
         run_fetch(settings, session, tmp_path)
     assert len(responses.calls) == 5
 
@@ -168,15 +181,15 @@ def test_504_after_every_attempt_asks_for_a_split_of_a_long_window(settings, ses
 @responses.activate
 def test_504_on_a_single_hour_is_a_plain_failure(settings, session, tmp_path):
     responses.get(URL, status=504)
-    one_hour = fd.Window(hour("20251101T03"), hour("20251101T03"))
-    with pytest.raises(fd.ExportError, match="Max fetch attempts reached"):
+    one_hour = Window(hour("20251101T03"), hour("20251101T03"))
+    with pytest.raises(ExportError, match="Max fetch attempts reached"):
         run_fetch(settings, session, tmp_path, span=one_hour)
 
 
 @responses.activate
 def test_other_statuses_fail_with_the_status_and_first_body_line(settings, session, tmp_path):
     responses.get(URL, status=418, body="I'm a teapot\nsecond line")
-    with pytest.raises(fd.ExportError, match=r"^Amplitude answered HTTP 418: I'm a teapot$"):
+    with pytest.raises(ExportError, match=r"^Amplitude answered HTTP 418: I'm a teapot$"):
         run_fetch(settings, session, tmp_path)
 
 
@@ -184,7 +197,7 @@ def test_other_statuses_fail_with_the_status_and_first_body_line(settings, sessi
 def test_a_line_that_is_not_json_names_member_and_line(settings, session, tmp_path):
     bad = build_archive([member("20251101T04", 1, [b'{"ok":1}', b"", b'{"broken":'])])
     responses.get(URL, body=bad, status=200)
-    with pytest.raises(fd.ExportError, match=r"187520_2025-11-01_4#1\.json\.gz line 3: not a JSON object"):
+    with pytest.raises(ExportError, match=r"187520_2025-11-01_4#1\.json\.gz line 3: not a JSON object"):
         run_fetch(settings, session, tmp_path)
     assert len(responses.calls) == 1
 

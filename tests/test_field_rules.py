@@ -8,9 +8,10 @@ import re
 
 import pytest
 
-import fetch_data as fd
 import field_rules
+from errors import UsageError
 from field_rules import FieldRules, Pseudonymiser, RuleError, rules_from
+from settings import parse_settings
 from tests.conftest import API_KEY, hour
 
 KEY = "k" * 20 + "-a-secret-of-32+chars"
@@ -45,19 +46,19 @@ def rules(dropped=(), hashed=()) -> Pseudonymiser:
     ],
 )
 def test_bad_field_settings_are_usage_errors(argv, env, message):
-    with pytest.raises(fd.UsageError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
-        fd.parse_settings(argv, {"AMP_API_KEY": "k", "AMP_SECRET_KEY": "s", **env}, NOW)
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        parse_settings(argv, {"AMP_API_KEY": "k", "AMP_SECRET_KEY": "s", **env}, NOW)
 
 
 def test_the_policy_names_the_key_without_revealing_it():
-    parsed = rules_from("ip_address, city", "user_id", {"AMP_HASH_KEY": KEY})
+    parsed = rules_from("ip_address, city", "user_id", KEY)
     assert parsed.policy == {"dropped": ["city", "ip_address"], "hashed": ["user_id"],
                              "key_id": hashlib.sha256(KEY.encode()).hexdigest()[:12]}
     assert KEY not in repr(parsed)
-    assert rules_from("city", None, {}).policy == {"dropped": ["city"], "hashed": [], "key_id": None}
-    assert rules_from(None, None, {}) is None
+    assert rules_from("city", None, "").policy == {"dropped": ["city"], "hashed": [], "key_id": None}
+    assert rules_from(None, None, "") is None
     with pytest.raises(RuleError):
-        rules_from("x", "x", {"AMP_HASH_KEY": KEY})
+        rules_from("x", "x", KEY)
 
 
 # The transformation

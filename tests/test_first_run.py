@@ -12,49 +12,61 @@ from pathlib import Path
 
 import pytest
 
-import fetch_data as fd
-from tests.conftest import API_KEY, ROOT, SECRET_KEY, as_array
+from settings import parse_settings
+from tests.conftest import API_KEY, ROOT, SECRET_KEY, as_array, copy_project
+from windows import HOUR, Window, format_hour, yesterday
 
-NOW = dt.datetime.now(dt.UTC)
-YESTERDAY = fd.yesterday(NOW)
+NOW = dt.datetime(2025, 11, 7, 3, 30, tzinfo=dt.UTC)  # for settings read in-process, where the clock is given
 
 
-def day_of(days_before_yesterday: int) -> fd.Window:
-    start = YESTERDAY.start - dt.timedelta(days=days_before_yesterday)
-    return fd.Window(start, start + 23 * fd.HOUR)
+@pytest.fixture
+def day_of():
+    """The day N days before yesterday, yesterday being taken when the test starts, not when the suite does."""
+    last = yesterday(dt.datetime.now(dt.UTC))
+
+    def day(days_before_yesterday: int) -> Window:
+        start = last.start - dt.timedelta(days=days_before_yesterday)
+        return Window(start, start + 23 * HOUR)
+
+    return day
 
 
 def asked(standin) -> list[tuple[str, str]]:
     return [(r["start"], r["end"]) for r in standin.requests]
 
 
-def labels(*windows: fd.Window) -> list[tuple[str, str]]:
-    return [(fd.format_hour(w.start), fd.format_hour(w.end)) for w in windows]
+def labels(*windows: Window) -> list[tuple[str, str]]:
+    return [(format_hour(w.start), format_hour(w.end)) for w in windows]
 
 
 # 1. The demo never touches the real export
 
 
-def test_the_demo_never_writes_where_env_sends_the_real_export(cli, standin):
-    (cli.workdir / ".env").write_text("AMP_DATA_DIR=data\nAMP_LOG_DIR=logs\n")
+@pytest.mark.slow
+def test_the_demo_never_writes_where_env_sends_the_real_export(cli, standin, day_of):
+    (cli.workdir / ".env").write_text("AMP_DATA_DIR=real/data\nAMP_LOG_DIR=real/logs\n")
+    real = cli.workdir / "real"  # a relative path in .env is relative to the folder of that .env
     result = cli.run("--demo", AMP_DATA_DIR=None, AMP_LOG_DIR=None)
     assert result.returncode == 0, result.stderr
-    assert not cli.data.exists() and not cli.logs.exists()
-    demo_manifest = cli.workdir / "demo" / "data" / "manifest.jsonl"
+    assert not real.exists() and not cli.data.exists() and not cli.logs.exists()
+    demo_manifest = cli.project / "demo" / "data" / "manifest.jsonl"
     assert [json.loads(line)["start"] for line in demo_manifest.read_text().splitlines()]
-    assert list((cli.workdir / "demo" / "logs").glob("log_*.log"))
-    # The next real run still exports yesterday.
-    result = cli.run()
+    assert list((cli.project / "demo" / "logs").glob("log_*.log"))
+    # The next real run still exports yesterday, where .env says.
+    result = cli.run(AMP_DATA_DIR=None, AMP_LOG_DIR=None)
     assert result.returncode == 0, result.stderr
-    assert asked(standin) == labels(YESTERDAY)
-    assert [r["start"] for r in cli.manifest()] == [fd.format_hour(YESTERDAY.start)]
+    assert asked(standin) == labels(day_of(0))
+    manifest = [json.loads(line) for line in (real / "data" / "manifest.jsonl").read_text().splitlines()]
+    assert [r["start"] for r in manifest] == [format_hour(day_of(0).start)]
+    assert list((real / "logs").glob("log_*.log"))
 
 
+@pytest.mark.slow
 def test_environment_variables_do_not_move_the_demo_but_its_own_flags_do(cli):
     result = cli.run("--demo", AMP_DATA_DIR=str(cli.data), AMP_LOG_DIR=str(cli.logs))
     assert result.returncode == 0, result.stderr
     assert not cli.data.exists() and not cli.logs.exists()
-    assert (cli.workdir / "demo" / "data" / "manifest.jsonl").exists()
+    assert (cli.project / "demo" / "data" / "manifest.jsonl").exists()
     result = cli.run("--demo", "--data-dir", "elsewhere", "--log-dir", "elsewhere-logs")
     assert result.returncode == 0, result.stderr
     assert (cli.workdir / "elsewhere" / "manifest.jsonl").exists()
@@ -65,10 +77,10 @@ def test_demo_uploads_go_under_a_prefix_of_their_own():
     pytest.importorskip("azure.storage.blob")
     connection = "DefaultEndpointsProtocol=https;AccountName=lake;AccountKey=a2V5;EndpointSuffix=core.windows.net"
     env = {"AZURE_STORAGE_CONNECTION_STRING": connection, "AZURE_BLOB_PREFIX": "lake/amplitude"}
-    demo = fd.parse_settings(["--demo", "--upload"], env, NOW)
+    demo = parse_settings(["--demo", "--upload"], env, NOW)
     assert demo.upload.prefix == "demo/amplitude/events"
-    assert fd.parse_settings(["--demo", "--upload", "--blob-prefix", "try/me"], env, NOW).upload.prefix == "try/me"
-    real = fd.parse_settings(["--upload"], {**env, "AMP_API_KEY": "k", "AMP_SECRET_KEY": "s"}, NOW)
+    assert parse_settings(["--demo", "--upload", "--blob-prefix", "try/me"], env, NOW).upload.prefix == "try/me"
+    real = parse_settings(["--upload"], {**env, "AMP_API_KEY": "k", "AMP_SECRET_KEY": "s"}, NOW)
     assert real.upload.prefix == "lake/amplitude"
 
 
@@ -120,10 +132,7 @@ def test_an_interpreter_older_than_3_11_is_one_line_and_exit_2(tmp_path):
 @pytest.fixture
 def installed(tmp_path):
     """The program as installed elsewhere (/opt/x), run from another folder."""
-    home = tmp_path / "opt" / "x"
-    home.mkdir(parents=True)
-    for name in ("fetch_data.py", "logging_config.py"):
-        shutil.copy(ROOT / name, home / name)
+    home = copy_project(tmp_path / "opt" / "x")
     elsewhere = tmp_path / "somewhere"
     elsewhere.mkdir()
     return home, elsewhere
@@ -136,12 +145,17 @@ def run_installed(installed, cli, *args, **env):
                           stdin=subprocess.DEVNULL, timeout=120)
 
 
+@pytest.mark.quick
 def test_dotenv_beside_the_script_is_read_when_run_from_elsewhere(cli, standin, installed):
     home, elsewhere = installed
     (home / ".env").write_text(f"AMP_API_KEY={API_KEY}\nAMP_SECRET_KEY={SECRET_KEY}\n")
     result = run_installed(installed, cli, "--date", "2025-11-01")
     assert result.returncode == 0, result.stderr
-    assert (elsewhere / "data" / "manifest.jsonl").exists()
+    # Exactly where a run from the project folder writes, and it says so.
+    assert (home / "data" / "manifest.jsonl").exists() and (home / "logs").is_dir()
+    assert not (elsewhere / "data").exists() and not (elsewhere / "logs").exists()
+    assert f"Data folder: {home / 'data'}" in result.stderr
+    assert result.stderr.splitlines()[-1].startswith(f"Log file: {home / 'logs' / 'log_'}")
 
 
 def test_the_current_folders_dotenv_wins_and_the_environment_over_both(cli, standin, installed):
@@ -150,7 +164,7 @@ def test_the_current_folders_dotenv_wins_and_the_environment_over_both(cli, stan
     (elsewhere / ".env").write_text(f"AMP_API_KEY={API_KEY}\nAMP_DATA_OUTFILE=current\n")
     result = run_installed(installed, cli, "--date", "2025-11-01", AMP_DATA_OUTFILE="environment")
     assert result.returncode == 0, result.stderr
-    assert [p.name[14:] for p in (elsewhere / "data").glob("*.json")] == ["environment.json"]
+    assert [p.name[14:] for p in (home / "data").glob("*.json")] == ["environment.json"]
 
 
 def test_missing_keys_say_where_dotenv_was_looked_for(cli, installed):
@@ -173,38 +187,38 @@ def test_help_names_the_keys_and_dotenv(cli):
 # 4. A missed night heals itself
 
 
-def test_catch_up_exports_each_missing_stretch_and_nothing_present(cli, standin):
+def test_catch_up_exports_each_missing_stretch_and_nothing_present(cli, standin, day_of):
     assert cli.run("--date", f"{day_of(2).start:%Y-%m-%d}").returncode == 0
     standin.requests.clear()
     result = cli.run("--catch-up", "3")
     assert result.returncode == 0, result.stderr
-    assert asked(standin) == labels(day_of(3), day_of(1), YESTERDAY)
+    assert asked(standin) == labels(day_of(3), day_of(1), day_of(0))
     names = sorted(p.name[14:] for p in cli.outputs())
-    for window in (day_of(3), day_of(1), YESTERDAY):
+    for window in (day_of(3), day_of(1), day_of(0)):
         assert f"ampl_dump_{window.label}.json" in names
-    for window in (day_of(3), day_of(2), day_of(1), YESTERDAY):
-        record = next(r for r in cli.manifest() if r["start"] == fd.format_hour(window.start))
+    for window in (day_of(3), day_of(2), day_of(1), day_of(0)):
+        record = next(r for r in cli.manifest() if r["start"] == format_hour(window.start))
         assert (cli.data / record["file"]).read_bytes() == as_array(standin.expected_lines(window.start, window.end))
     standin.requests.clear()
     assert cli.run(AMP_CATCH_UP_DAYS="3").returncode == 0
     assert standin.requests == []
 
 
-def test_catch_up_fills_a_missing_part_of_a_day_alone(cli, standin):
+def test_catch_up_fills_a_missing_part_of_a_day_alone(cli, standin, day_of):
     day = day_of(1)
-    assert cli.run("--start", fd.format_hour(day.start), "--end", fd.format_hour(day.start + 9 * fd.HOUR)).returncode == 0
+    assert cli.run("--start", format_hour(day.start), "--end", format_hour(day.start + 9 * HOUR)).returncode == 0
     standin.requests.clear()
     result = cli.run("--catch-up", "1")
     assert result.returncode == 0, result.stderr
-    assert asked(standin) == labels(fd.Window(day.start + 10 * fd.HOUR, day.end), YESTERDAY)
+    assert asked(standin) == labels(Window(day.start + 10 * HOUR, day.end), day_of(0))
 
 
-def test_with_nothing_to_catch_up_the_night_keeps_the_seeds_file_name(cli, standin):
+def test_with_nothing_to_catch_up_the_night_keeps_the_seeds_file_name(cli, standin, day_of):
     assert cli.run("--start", f"{day_of(2).start:%Y-%m-%d}", "--end", f"{day_of(1).start:%Y-%m-%d}").returncode == 0
     standin.requests.clear()
     result = cli.run("--catch-up", "2")
     assert result.returncode == 0, result.stderr
-    assert asked(standin) == labels(YESTERDAY)
+    assert asked(standin) == labels(day_of(0))
     assert re.fullmatch(r"\d{8}_\d{4}_ampl_dump\.json", cli.manifest()[-1]["file"])
 
 
@@ -234,8 +248,9 @@ def test_quiet_prints_warnings_and_errors(cli, standin):
     standin.add_fault(418, start="20251102T00")
     result = cli.run("--start", "2025-11-01", "--end", "2025-11-02", AMP_QUIET="1")
     assert result.returncode == 1
-    levels = {line.split(" - ")[1] for line in result.stderr.splitlines()}
-    assert levels == {"WARNING", "ERROR"}
+    *logged, last = result.stderr.splitlines()
+    assert {line.split(" - ")[1] for line in logged} == {"WARNING", "ERROR"}
+    assert last.startswith(f"Log file: {cli.logs / 'log_'}")
     assert "server error (HTTP 503)" in result.stderr and "Amplitude answered HTTP 418" in result.stderr
 
 
@@ -249,8 +264,8 @@ def test_a_quiet_setting_that_is_not_a_yes_or_no_is_a_usage_error(cli, standin):
 
 
 def readme_cron_lines() -> list[str]:
-    readme = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```cron\n(.*?)```", readme, re.DOTALL)
+    pages = [(ROOT / "README.md").read_text(), (ROOT / "docs" / "scheduling.md").read_text()]
+    blocks = [block for page in pages for block in re.findall(r"```cron\n(.*?)```", page, re.DOTALL)]
     return [line for block in blocks for line in block.splitlines() if line and not line.startswith("#")]
 
 
@@ -261,8 +276,9 @@ def test_the_readme_cron_line_catches_up_reports_failures_and_claims_no_cron_tz(
     for line in lines:
         assert "--quiet" in line and "--catch-up" in line
         assert "2>" not in line  # stderr reaches cron's mail
-        command = line.split(" fetch_data.py ", 1)[1].split(">", 1)[0]
-        fd.parse_settings(shlex.split(command), {"AMP_API_KEY": "k", "AMP_SECRET_KEY": "s"}, NOW)
+        words = shlex.split(line.split(None, 5)[5])
+        assert words[0].endswith("/.venv/bin/python") and words[1].endswith("/fetch_data.py")
+        parse_settings(words[2:], {"AMP_API_KEY": "k", "AMP_SECRET_KEY": "s"}, NOW)
 
 
 def unit_value(text: str, key: str) -> str:
@@ -276,8 +292,8 @@ def test_the_timer_runs_at_0330_utc_and_catches_up_after_downtime():
     service = (ROOT / "deploy" / "amplitude-export.service").read_text()
     command = shlex.split(unit_value(service, "ExecStart"))
     assert command[1].endswith("/fetch_data.py")
-    settings = fd.parse_settings(command[2:], {"AMP_API_KEY": "k", "AMP_SECRET_KEY": "s"}, NOW)
-    assert settings.quiet and settings.windows[0].start < YESTERDAY.start
+    settings = parse_settings(command[2:], {"AMP_API_KEY": "k", "AMP_SECRET_KEY": "s"}, NOW)
+    assert settings.quiet and settings.windows[0].start < yesterday(NOW).start
 
 
 def test_systemd_accepts_the_units(tmp_path):

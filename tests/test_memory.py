@@ -8,9 +8,13 @@ import sys
 import zipfile
 import zlib
 
+import pytest
+
 from amplitude_standin import StandIn, member_name
 from bench.bench import build_archive_file, run_measured
 from tests.conftest import ROOT, hour
+
+pytestmark = pytest.mark.slow
 
 RSS_BUDGET_MB = 64
 EVENTS_MB = 320  # five times the budget

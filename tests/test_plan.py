@@ -7,8 +7,12 @@ from pathlib import Path
 import pytest
 
 import archive
-import fetch_data as fd
-from tests.conftest import hour
+from errors import ExportError, UsageError
+from export_api import Answer, classify, retry_after_seconds
+from settings import parse_settings
+from store import is_plain_name, output_names
+from tests.conftest import ROOT, hour
+from windows import Window, format_hour, hours_between, parse_hour, plan_missing, plan_windows, yesterday
 
 UTC = dt.UTC
 
@@ -25,12 +29,12 @@ UTC = dt.UTC
 )
 def test_yesterday_is_the_previous_utc_day(now, start, end):
     moment = dt.datetime.strptime(now, "%Y-%m-%d %H:%M").replace(tzinfo=UTC)
-    assert fd.yesterday(moment) == fd.Window(hour(start), hour(end))
+    assert yesterday(moment) == Window(hour(start), hour(end))
 
 
 def test_yesterday_uses_utc_whatever_the_timezone_of_now():
     berlin_just_after_midnight = dt.datetime(2025, 11, 7, 0, 30, tzinfo=dt.timezone(dt.timedelta(hours=1)))
-    assert fd.yesterday(berlin_just_after_midnight).label == "20251105T00-20251105T23"
+    assert yesterday(berlin_just_after_midnight).label == "20251105T00-20251105T23"
 
 
 @pytest.mark.parametrize(
@@ -44,7 +48,7 @@ def test_yesterday_uses_utc_whatever_the_timezone_of_now():
     ],
 )
 def test_parse_hour(text, last_hour, expected):
-    assert fd.format_hour(fd.parse_hour(text, "--start", last_hour)) == expected
+    assert format_hour(parse_hour(text, "--start", last_hour)) == expected
 
 
 @pytest.mark.parametrize(
@@ -60,8 +64,8 @@ def test_parse_hour(text, last_hour, expected):
     ],
 )
 def test_parse_hour_refuses_impossible_input(text, message):
-    with pytest.raises(fd.UsageError, match=message):
-        fd.parse_hour(text, "--date", False)
+    with pytest.raises(UsageError, match=message):
+        parse_hour(text, "--date", False)
 
 
 @pytest.mark.parametrize(
@@ -76,10 +80,10 @@ def test_parse_hour_refuses_impossible_input(text, message):
     ],
 )
 def test_plan_windows_covers_every_hour_once(start, end, hours, expected):
-    windows = fd.plan_windows(hour(start), hour(end), hours)
+    windows = list(plan_windows(hour(start), hour(end), hours))
     assert [w.label for w in windows] == expected
-    every_hour = [h for w in windows for h in fd.hours_between(w.start, w.end)]
-    assert every_hour == list(fd.hours_between(hour(start), hour(end)))
+    every_hour = [h for w in windows for h in hours_between(w.start, w.end)]
+    assert every_hour == list(hours_between(hour(start), hour(end)))
 
 
 @pytest.mark.parametrize(
@@ -93,17 +97,17 @@ def test_plan_windows_covers_every_hour_once(start, end, hours, expected):
 )
 def test_halves_split_a_window_without_gap_or_overlap(window, first, second):
     start, end = window.split("-")
-    halves = fd.Window(hour(start), hour(end)).halves()
+    halves = Window(hour(start), hour(end)).halves()
     assert [h.label for h in halves] == [first, second]
 
 
 def test_plan_missing_keeps_only_uncovered_hours():
-    windows = fd.plan_windows(hour("20251101T00"), hour("20251102T23"), 24)
-    covered = set(fd.hours_between(hour("20251101T00"), hour("20251101T23")))
-    covered |= set(fd.hours_between(hour("20251102T05"), hour("20251102T09")))
-    missing = fd.plan_missing(windows, covered)
+    windows = list(plan_windows(hour("20251101T00"), hour("20251102T23"), 24))
+    covered = set(hours_between(hour("20251101T00"), hour("20251101T23")))
+    covered |= set(hours_between(hour("20251102T05"), hour("20251102T09")))
+    missing = plan_missing(windows, covered)
     assert [w.label for w in missing] == ["20251102T00-20251102T04", "20251102T10-20251102T23"]
-    assert fd.plan_missing(windows, set()) == windows
+    assert plan_missing(windows, set()) == windows
 
 
 def test_members_sort_by_hour_then_part_not_by_string():
@@ -130,29 +134,32 @@ def test_members_sort_by_hour_then_part_not_by_string():
 def settings_for(argv, env=None, now="2025-11-07 00:43"):
     env = {"AMP_API_KEY": "k", "AMP_SECRET_KEY": "s", **(env or {})}
     moment = dt.datetime.strptime(now, "%Y-%m-%d %H:%M").replace(tzinfo=UTC)
-    return fd.parse_settings(argv, env, moment)
+    return parse_settings(argv, env, moment, cwd=Path("/somewhere"))
 
 
 def test_output_names_start_with_the_seeds_name_then_add_the_window_then_a_counter():
     settings = settings_for([])
     window = settings.windows[0]
-    names = fd.output_names(settings, window, several=False)
+    names = output_names(settings.started, settings.data_outfile, settings.extension, window, several=False)
     assert [next(names) for _ in range(4)] == [
         "20251107_0043_ampl_dump.json",
         "20251107_0043_ampl_dump_20251106T00-20251106T23.json",
         "20251107_0043_ampl_dump_20251106T00-20251106T23_2.json",
         "20251107_0043_ampl_dump_20251106T00-20251106T23_3.json",
     ]
-    several = fd.output_names(settings_for(["--format", "jsonl", "--gzip"]), window, several=True)
+    gzipped = settings_for(["--format", "jsonl", "--gzip"])
+    several = output_names(gzipped.started, gzipped.data_outfile, gzipped.extension, window, several=True)
     assert next(several) == "20251107_0043_ampl_dump_20251106T00-20251106T23.jsonl.gz"
 
 
 def test_default_settings_are_the_seeds():
     settings = settings_for([])
-    assert settings.base_url == "https://analytics.eu.amplitude.com"
+    assert settings.api.base_url == "https://analytics.eu.amplitude.com"
     assert [w.label for w in settings.windows] == ["20251106T00-20251106T23"]
-    assert (settings.max_attempts, settings.delay_seconds) == (5, 1)
-    assert (settings.data_dir, settings.log_dir, settings.data_outfile) == (Path("data"), Path("logs"), "ampl_dump")
+    assert (settings.api.max_attempts, settings.api.delay_seconds) == (5, 1)
+    # Beside fetch_data.py, wherever the run starts from.
+    assert (settings.data_dir, settings.log_dir) == (ROOT / "data", ROOT / "logs")
+    assert settings.data_outfile == "ampl_dump"
     assert settings.log_level == logging.INFO
     assert (settings.file_format, settings.gzip, settings.workers, settings.window_hours) == ("json", False, 1, 24)
 
@@ -177,12 +184,12 @@ def test_secrets_stay_out_of_the_settings_repr():
     ],
 )
 def test_base_url_from_region_or_override(argv, env, expected):
-    assert settings_for(argv, env).base_url == expected
+    assert settings_for(argv, env).api.base_url == expected
 
 
 def test_a_flag_wins_over_its_environment_variable():
     settings = settings_for(["--max-attempts", "3", "--workers", "4"], {"AMP_MAX_ATTEMPTS": "9", "AMP_WORKERS": "2"})
-    assert (settings.max_attempts, settings.workers) == (3, 4)
+    assert (settings.api.max_attempts, settings.workers) == (3, 4)
 
 
 @pytest.mark.parametrize(
@@ -217,7 +224,7 @@ def test_a_flag_wins_over_its_environment_variable():
     ],
 )
 def test_bad_settings_are_refused_with_a_clear_message(argv, env, message):
-    with pytest.raises(fd.UsageError, match=message):
+    with pytest.raises(UsageError, match=message):
         settings_for(argv, env)
 
 
@@ -231,7 +238,7 @@ TOO_LARGE = "The file size of the exported data is too large. Shorten the time r
 
 
 def answer(status, headers=None, body=""):
-    return fd.Answer(status, headers or {}, body, URL)
+    return Answer(status, headers or {}, body, URL)
 
 
 @pytest.mark.parametrize(
@@ -258,34 +265,34 @@ def answer(status, headers=None, body=""):
 )
 def test_classify_decides_retry_split_or_fail(status, headers, body, delay, expected):
     with pytest.raises(Exception) as caught:
-        fd.classify(answer(status, headers, body), delay)
+        classify(answer(status, headers, body), delay)
     assert type(caught.value).__name__ == expected[0]
     assert getattr(caught.value, "wait", None) == expected[1]
 
 
 def test_retry_after_as_an_http_date_is_the_time_until_then():
     now = dt.datetime(2025, 11, 7, 3, 30, tzinfo=dt.UTC)
-    assert fd.retry_after_seconds({"Retry-After": "Fri, 07 Nov 2025 03:30:25 GMT"}, now) == 25
-    assert fd.retry_after_seconds({"Retry-After": "Fri, 07 Nov 2025 03:00:00 GMT"}, now) == 0
-    assert fd.retry_after_seconds({}, now) == 0
+    assert retry_after_seconds({"Retry-After": "Fri, 07 Nov 2025 03:30:25 GMT"}, now) == 25
+    assert retry_after_seconds({"Retry-After": "Fri, 07 Nov 2025 03:00:00 GMT"}, now) == 0
+    assert retry_after_seconds({}, now) == 0
 
 
 def test_a_404_that_is_not_amplitudes_no_data_names_the_url_and_the_settings():
-    with pytest.raises(fd.ExportError) as caught:
-        fd.classify(answer(404, body="<html>\n<head><title>404 Not Found</title></head>"), 1)
+    with pytest.raises(ExportError) as caught:
+        classify(answer(404, body="<html>\n<head><title>404 Not Found</title></head>"), 1)
     assert str(caught.value) == (
         f"HTTP 404 for {URL} is not Amplitude's 'no data' answer (<html>): check --base-url (AMP_BASE_URL) and --region"
     )
 
 
 def test_a_redirect_names_the_status_and_the_host_it_points_to():
-    with pytest.raises(fd.ExportError, match=r"^HTTP 301: .* redirects to evil\.example; redirects are not followed"):
-        fd.classify(answer(301, {"Location": "http://evil.example:8080/api/2/export?x=1"}), 1)
+    with pytest.raises(ExportError, match=r"^HTTP 301: .* redirects to evil\.example; redirects are not followed"):
+        classify(answer(301, {"Location": "http://evil.example:8080/api/2/export?x=1"}), 1)
 
 
 def test_a_400_that_is_not_too_large_fails_with_its_first_line():
-    with pytest.raises(fd.ExportError, match=r"^Amplitude answered HTTP 400: Invalid start or end parameter$"):
-        fd.classify(answer(400, body="Invalid start or end parameter\nmore"), 1)
+    with pytest.raises(ExportError, match=r"^Amplitude answered HTTP 400: Invalid start or end parameter$"):
+        classify(answer(400, body="Invalid start or end parameter\nmore"), 1)
 
 
 @pytest.mark.parametrize(
@@ -293,7 +300,7 @@ def test_a_400_that_is_not_too_large_fails_with_its_first_line():
     [(200, "", "ok"), (404, "Raw data files were not found.", "empty"), (404, "Raw data files were not found", "empty")],
 )
 def test_classify_success_and_empty(status, body, expected):
-    assert fd.classify(answer(status, body=body), 1) == expected
+    assert classify(answer(status, body=body), 1) == expected
 
 
 @pytest.mark.parametrize(
@@ -302,4 +309,4 @@ def test_classify_success_and_empty(status, body, expected):
      ("", False), (None, False), ("a\\b", False)],
 )
 def test_manifest_records_name_files_in_the_data_folder_only(name, plain):
-    assert fd.is_plain_name(name) is plain
+    assert is_plain_name(name) is plain

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-import fetch_data as fd
 import report
+from store import read_manifest
 from tests.conftest import hour
+from windows import HOUR, format_hour, hours_between
 
 DAY = ("--date", "2025-11-01")
 CHROMIUM = "/usr/bin/chromium"
@@ -25,7 +26,7 @@ CHROMIUM = "/usr/bin/chromium"
 def write_export(data_dir: Path, start: str, end: str, counts=None, types=None, name=None) -> dict:
     """A file and its manifest line, as fetch_data writes them; `counts` per hour (None: a window of old)."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    hours = [fd.format_hour(h) for h in fd.hours_between(hour(start), hour(end))]
+    hours = [format_hour(h) for h in hours_between(hour(start), hour(end))]
     counts = counts if counts is not None else [10] * len(hours)
     content = b"[]\n" if not sum(counts) else b"[\n" + b",\n".join([b"{}"] * sum(counts)) + b"\n]\n"
     name = name or f"x_{start}-{end}.json"
@@ -46,7 +47,12 @@ def day_counts(base=100, **changes) -> list[int]:
 
 
 def build(data_dir, start, end, verify=False):
-    return report.build_report(fd.read_manifest(data_dir / "manifest.jsonl"), data_dir, hour(start), hour(end), verify)
+    return report.build_report(read_manifest(data_dir / "manifest.jsonl"), data_dir, hour(start), hour(end), verify)
+
+
+def page_data(page: str) -> dict:
+    """The data the page's script draws from, as the browser reads it."""
+    return json.loads(page.split('<script id="report-data" type="application/json">', 1)[1].split("</script>", 1)[0])
 
 
 def test_missing_hours_say_why(tmp_path):
@@ -60,7 +66,7 @@ def test_missing_hours_say_why(tmp_path):
     verified = build(tmp_path, "20251101T00", "20251101T11", verify=True)
     assert [h.missing for h in verified.hours][8:10] == ["file changed"] * 2
     assert verified.missing == 6 and plain.missing == 4
-    assert [row["state"] for row in verified.files] == ["intact", "gone", "changed"]
+    assert [row.state for row in verified.files] == ["intact", "gone", "changed"]
 
 
 def test_an_empty_hour_is_flagged_and_a_quiet_night_is_not(tmp_path):
@@ -68,7 +74,7 @@ def test_an_empty_hour_is_flagged_and_a_quiet_night_is_not(tmp_path):
         write_export(tmp_path, f"202511{day:02d}T00", f"202511{day:02d}T23", day_counts(T03=0))
     write_export(tmp_path, "20251108T00", "20251108T23", day_counts(T03=0, T13=0))
     built = build(tmp_path, "20251101T00", "20251108T23")
-    flagged = [(fd.format_hour(h.moment), h.flag) for h in built.hours if h.flag]
+    flagged = [(format_hour(h.moment), h.flag) for h in built.hours if h.flag]
     # T03 is empty every night: on the first days there is not enough history to call it quiet.
     assert flagged == [("20251101T03", "empty"), ("20251102T03", "empty"), ("20251103T03", "empty"),
                        ("20251108T13", "empty")]
@@ -80,7 +86,7 @@ def test_a_collapse_is_judged_against_the_same_hour_on_the_days_before(tmp_path)
     write_export(tmp_path, "20251105T00", "20251105T23", day_counts(T02=4, T14=15, T15=25))
     built = build(tmp_path, "20251101T00", "20251105T23")
     # 15 is under 20 % of 100; 25 is not; a night hour of 4 against its own 5 is normal.
-    assert [(fd.format_hour(h.moment), h.flag) for h in built.hours if h.flag] == [("20251105T14", "collapsed")]
+    assert [(format_hour(h.moment), h.flag) for h in built.hours if h.flag] == [("20251105T14", "collapsed")]
 
 
 def test_no_collapse_on_a_young_history(tmp_path):
@@ -107,7 +113,7 @@ def test_windows_without_per_hour_counts_are_shown_by_window_never_invented(tmp_
     assert [h.count for h in built.hours] == [None] * 24
     assert built.missing == 0 and built.flagged == 0
     assert built.days[0].events == 240 and built.days[0].by_window_only
-    assert '"states":"' + "w" * 24 + '"' in report.render_html(built)
+    assert page_data(report.render_html(built))["states"] == "w" * 24
 
 
 def test_the_last_intact_export_of_an_hour_counts(tmp_path):
@@ -131,7 +137,7 @@ def test_report_of_a_complete_range_exits_0_and_prints_a_table(cli, standin):
     assert re.split(r"\s{2,}", lines[1]) == ["2025-11-01", "144", "24", "0", "-"]
     assert re.split(r"\s{2,}", lines[2]) == ["2025-11-02", "138", "24", "0", "empty T07"]
     assert lines[3] == ("48 hour(s) from 20251101T00 to 20251102T23: 48 exported and intact, 0 missing, 1 flagged. "
-                        f"Report: {Path('data') / 'report.html'}")
+                        f"Report: {cli.data / 'report.html'}")
     page = (cli.data / "report.html").read_text()
     assert "<script src" not in page and "<link" not in page and "http://" not in page.replace("http://www.w3.org", "")
 
@@ -169,6 +175,7 @@ def test_report_usage_errors_exit_2(cli, standin, args, message):
     assert message in result.stderr
 
 
+@pytest.mark.slow
 def test_verify_exports_a_changed_file_again_into_a_new_file(cli, standin):
     assert cli.run(*DAY).returncode == 0
     (first,) = cli.outputs()
@@ -237,7 +244,7 @@ def seen(page, selector: str) -> int:
 def test_the_demo_report_shows_every_hour_and_its_flags(browser, cli, tmp_path):
     result = cli.run("--demo")
     assert result.returncode == 0, result.stderr
-    page_path = cli.workdir / "demo" / "data" / "report.html"
+    page_path = cli.project / "demo" / "data" / "report.html"
     context, page, _, refused = open_offline(browser, page_path)
     try:
         assert seen(page, "svg#chart rect.hour") == 7 * 24 == int(page.get_attribute("body", "data-hours-drawn"))
@@ -280,9 +287,9 @@ def test_a_year_of_hourly_exports_renders_in_under_two_seconds(browser, tmp_path
     for day in range(365):
         start = first + dt.timedelta(days=day)
         counts = [100 + (hour_of_day * 37 + day) % 50 for hour_of_day in range(24)]
-        write_export(data_dir, fd.format_hour(start), fd.format_hour(start + 23 * fd.HOUR), counts, types)
-    built = report.build_report(fd.read_manifest(data_dir / "manifest.jsonl"), data_dir, first,
-                                first + (365 * 24 - 1) * fd.HOUR, verify=False)
+        write_export(data_dir, format_hour(start), format_hour(start + 23 * HOUR), counts, types)
+    built = report.build_report(read_manifest(data_dir / "manifest.jsonl"), data_dir, first,
+                                first + (365 * 24 - 1) * HOUR, verify=False)
     page_path = tmp_path / "year.html"
     page_path.write_text(report.render_html(built))
     assert page_path.stat().st_size < 3_000_000
@@ -302,3 +309,34 @@ def test_the_readme_shows_the_demo_report():
     assert images
     for image in images:
         assert (Path(__file__).resolve().parents[1] / image).stat().st_size > 10_000
+
+
+HOSTILE_TYPES = ["</script><script>window.pwned = 'type'</script>", "<img src=x onerror=\"window.pwned='img'\">",
+                 "\"><svg onload=window.pwned='svg'>", "{{ 7 * 7 }} & &amp; '"]
+
+
+def test_markup_in_event_types_file_names_and_the_manifest_shows_as_text(browser, tmp_path):
+    data_dir = tmp_path / "data"
+    counts = {name: 10 for name in HOSTILE_TYPES}
+    write_export(data_dir, "20251101T00", "20251101T23", day_counts(40), types=counts,
+                 name="<img src=x onerror=window.pwned='file'>.json")
+    write_export(data_dir, "20251102T00", "20251102T23", day_counts(40), types={"page_view": 960})
+    with open(data_dir / "manifest.jsonl", "a") as manifest:  # a tampered line: refused, never shown as markup
+        manifest.write('{"start":"20251103T00","end":"<script>window.pwned=1</script>","file":"y.json"}\n')
+    built = build(data_dir, "20251101T00", "20251102T23")
+    page_path = tmp_path / "report.html"
+    page_path.write_text(report.render_html(built))
+    context, page, _, refused = open_offline(browser, page_path)
+    try:
+        dialogs = []
+        page.on("dialog", lambda dialog: dialogs.append(dialog.message))
+        assert page.evaluate("typeof window.pwned") == "undefined"
+        assert dialogs == [] and refused == []
+        assert seen(page, "img") == 0 and seen(page, "svg") == 1  # the chart is the page's only svg
+        text = page.inner_text("body")
+        for name in HOSTILE_TYPES:
+            assert name in text or name in page.inner_text("#types thead")
+        assert "<img src=x onerror=window.pwned='file'>.json" in page.inner_text("#files")
+        assert page.evaluate("JSON.parse(document.getElementById('report-data').textContent).start") == "20251101T00"
+    finally:
+        context.close()

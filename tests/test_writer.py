@@ -6,14 +6,14 @@ import json
 
 import pytest
 
-import fetch_data as fd
 from tests.conftest import as_array, as_jsonl
+from writer import EventWriter
 
 LINES = [b'{"a":1}', b'{"b":"\xc3\xa9","big":18446744073709551616}', b'{"c":"\\u00e9"}']
 
 
 def written(tmp_path, file_format, use_gzip, batches):
-    writer = fd.EventWriter(tmp_path / "out.part", file_format, use_gzip)
+    writer = EventWriter(tmp_path / "out.part", file_format, use_gzip)
     for batch in batches:
         writer.write_events(batch)
     writer.finish()
@@ -43,7 +43,7 @@ def test_an_empty_export_is_an_empty_array_or_an_empty_file(tmp_path, use_gzip):
 @pytest.mark.parametrize("file_format", ["json", "jsonl"])
 @pytest.mark.parametrize("use_gzip", [False, True])
 def test_rollback_undoes_exactly_the_events_since_the_mark(tmp_path, file_format, use_gzip):
-    writer = fd.EventWriter(tmp_path / "out.part", file_format, use_gzip)
+    writer = EventWriter(tmp_path / "out.part", file_format, use_gzip)
     writer.write_events(LINES[:1])
     mark = writer.mark()
     writer.write_events([b'{"damaged":1}', b'{"damaged":2}'])
@@ -61,7 +61,7 @@ def test_rollback_undoes_exactly_the_events_since_the_mark(tmp_path, file_format
 
 
 def test_discard_leaves_nothing(tmp_path):
-    writer = fd.EventWriter(tmp_path / "out.part", "json", False)
+    writer = EventWriter(tmp_path / "out.part", "json", False)
     writer.write_events(LINES)
     writer.discard()
     assert not list(tmp_path.iterdir())
@@ -70,5 +70,5 @@ def test_discard_leaves_nothing(tmp_path):
 def test_the_writer_never_overwrites(tmp_path):
     (tmp_path / "out.part").write_bytes(b"keep")
     with pytest.raises(FileExistsError):
-        fd.EventWriter(tmp_path / "out.part", "json", False)
+        EventWriter(tmp_path / "out.part", "json", False)
     assert (tmp_path / "out.part").read_bytes() == b"keep"

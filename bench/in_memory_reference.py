@@ -1,6 +1,6 @@
-"""The seed's approach, as a reference for the benchmark: the whole body in memory, every event parsed, then dumped.
+"""The naive approach, as a reference for the benchmark: the whole body in memory, every event parsed, then dumped.
 
-Usage: python bench/seed_reference.py URL START END OUT_FILE  (credentials in AMP_API_KEY / AMP_SECRET_KEY)
+Usage: python bench/in_memory_reference.py URL START END OUT_FILE  (credentials in AMP_API_KEY / AMP_SECRET_KEY)
 """
 
 import gzip

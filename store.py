@@ -1,0 +1,475 @@
+"""The store: what is in the data folder and how it gets there.
+
+The manifest (`manifest.jsonl`) is the record of every file put in place (an Export line) and every file uploaded
+(an Upload line); lines are typed records, validated here and only here. A file is written beside its final name,
+fsynced, its manifest line journaled, then linked under its final name and recorded. The lock keeps one run per
+folder. The exporter's own files are never opened through a link.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import errno
+import fcntl
+import hashlib
+import itertools
+import logging
+import os
+import stat
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import msgspec
+
+from errors import ExportError
+from windows import FIRST_YEAR, LAST_YEAR, Window, format_hour, hours_between, iso_utc
+
+log = logging.getLogger("fetch_data")
+
+MANIFEST_NAME = "manifest.jsonl"
+LOCK_NAME = ".lock"
+JOURNAL_NAME = ".ampl-commit.json"  # the manifest line of the file being put in place, until it is appended
+TEMP_PREFIX = ".ampl-"
+TEMP_SUFFIX = ".part"
+READ_BYTES = 1 << 20
+
+Count = Annotated[int, msgspec.Meta(ge=0)]
+Sha256 = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
+HourText = Annotated[str, msgspec.Meta(pattern=r"^\d{8}T\d{2}$")]
+
+
+class Export(msgspec.Struct, omit_defaults=True):
+    """A file put in place: the hours it holds, its size and sha256, and what it counts."""
+
+    start: HourText
+    end: HourText
+    file: str
+    events: Count
+    size: Count = msgspec.field(name="bytes")
+    sha256: Sha256
+    finished_at: str
+    hours: dict[str, Count] | None = None  # per hour of the window; absent when some member named no hour
+    event_types: dict[str, Count] = {}
+    policy: dict | None = None  # the field rules the file was written under
+
+    def __post_init__(self):
+        check_window(self.start, self.end)
+        check_plain_name(self.file)
+
+    @property
+    def window(self) -> Window:
+        return Window(hour_of(self.start), hour_of(self.end))
+
+
+class Upload(msgspec.Struct):
+    """A file sent to Azure Blob Storage, with the sha256 of the bytes sent."""
+
+    start: HourText
+    end: HourText
+    file: str
+    blob: str
+    sha256: Sha256
+    uploaded_at: str
+
+    def __post_init__(self):
+        check_window(self.start, self.end)
+        check_plain_name(self.file)
+
+    @property
+    def window(self) -> Window:
+        return Window(hour_of(self.start), hour_of(self.end))
+
+
+DECODE_EXPORT = msgspec.json.Decoder(Export).decode
+DECODE_UPLOAD = msgspec.json.Decoder(Upload).decode
+ENCODE = msgspec.json.Encoder().encode
+
+
+def parse_line(line: bytes) -> Export | Upload:
+    """One manifest line as its record; a ValueError saying what is wrong with it otherwise."""
+    try:
+        return DECODE_EXPORT(line)
+    except msgspec.ValidationError as export_problem:
+        if b'"blob"' not in line:
+            raise ValueError(str(export_problem)) from None
+        try:
+            return DECODE_UPLOAD(line)
+        except msgspec.ValidationError:
+            raise ValueError(str(export_problem)) from None
+    except msgspec.DecodeError as exc:
+        raise ValueError(f"not JSON ({exc})") from None
+
+
+def check_window(start: str, end: str) -> None:
+    if hour_of(end) < hour_of(start):
+        raise ValueError(f"end {end} is before start {start}")
+
+
+def hour_of(text: str) -> dt.datetime:
+    """YYYYMMDDTHH as a UTC hour, years 2000 to 2100; a ValueError otherwise (a manifest's window, never planned
+    from a hand-edited year 9999)."""
+    year = int(text[0:4])
+    if not FIRST_YEAR <= year <= LAST_YEAR:
+        raise ValueError(f"{text}: the year is outside {FIRST_YEAR} to {LAST_YEAR}")
+    return dt.datetime(year, int(text[4:6]), int(text[6:8]), int(text[9:11]), tzinfo=dt.UTC)
+
+
+def check_plain_name(name: str) -> None:
+    if not is_plain_name(name):
+        raise ValueError(f"{name!r} is not a file name in the data folder")
+
+
+def is_plain_name(name) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name \
+        and "\0" not in name
+
+
+# The manifest.
+
+
+def read_manifest(manifest: Path, repair: bool = True) -> list[Export | Upload]:
+    """The manifest's records; a line torn by a crash mid-append is cut off so the next append starts clean.
+
+    Only a run holding the lock may `repair`: for a reader without it (the report), the last line may be one an
+    export is appending right now. A line that is not a record is named, by file and line number, and skipped.
+    """
+    return list(iterate_manifest(manifest, repair))
+
+
+def iterate_manifest(manifest: Path, repair: bool = True) -> Iterator[Export | Upload]:
+    try:
+        source = open_own_file(manifest, os.O_RDONLY, "rb")
+    except FileNotFoundError:
+        return
+    with source:
+        complete = complete_length(source)
+        if complete < os.fstat(source.fileno()).st_size:
+            cut_torn_line(manifest, complete, repair)
+        source.seek(0)
+        remaining = complete
+        for number, line in enumerate(source, 1):
+            if remaining <= 0:
+                break
+            remaining -= len(line)
+            try:
+                yield parse_line(line)
+            except ValueError as exc:
+                log.warning("%s line %d is not a manifest record (%s); ignored", manifest, number, one_line(exc))
+
+
+def complete_length(source) -> int:
+    """The length of the file up to its last newline."""
+    size = os.fstat(source.fileno()).st_size
+    position = size
+    while position > 0:
+        step = min(READ_BYTES, position)
+        source.seek(position - step)
+        block = source.read(step)
+        newline = block.rfind(b"\n")
+        if newline >= 0:
+            return position - step + newline + 1
+        position -= step
+    return 0
+
+
+def cut_torn_line(manifest: Path, complete: int, repair: bool) -> None:
+    if not repair:
+        return
+    log.warning("%s: removing an incomplete last line left by an interrupted run", manifest)
+    with open_own_file(manifest, os.O_RDWR, "r+b") as fix:
+        fix.truncate(complete)
+        os.fsync(fix.fileno())
+
+
+def append_manifest(manifest: Path, record: Export | Upload) -> None:
+    with open_own_file(manifest, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "ab") as out:
+        out.write(ENCODE(record) + b"\n")
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200]
+
+
+# Which hours are exported.
+
+
+def exported_hours(records, data_dir: Path, policy: dict | None, verify: bool, first: dt.datetime,
+                   last: dt.datetime) -> set[dt.datetime]:
+    """Hours from `first` to `last` exported under `policy` whose file is still there with the recorded size (and,
+    with `verify`, the recorded sha256).
+
+    Hours exported under other field rules do not count: their files hold other fields than asked for now.
+    """
+    covered = set()
+    for record in records:
+        if not isinstance(record, Export):
+            continue
+        window = record.window
+        if window.start > last or window.end < first or record.policy != policy:
+            continue
+        state = file_state(record, data_dir, verify)
+        if state == "changed" and verify:
+            log.warning("%s: its bytes changed since it was exported; its hours are exported again", record.file)
+        if state == "intact":
+            covered.update(hours_between(max(window.start, first), min(window.end, last)))
+    return covered
+
+
+def file_state(record: Export, data_dir: Path, verify: bool) -> str:
+    """'intact', 'gone' or 'changed': by size and type, and with `verify` by sha256 as well."""
+    if not is_intact(record, data_dir):
+        return "changed" if os.path.lexists(data_dir / record.file) else "gone"
+    if verify and file_sha256(data_dir / record.file) != record.sha256:
+        return "changed"
+    return "intact"
+
+
+def is_intact(record: Export, data_dir: Path) -> bool:
+    """A file still in the data folder, a regular file (no link) of the recorded size."""
+    try:
+        found = os.lstat(data_dir / record.file)
+    except OSError:
+        return False
+    return stat.S_ISREG(found.st_mode) and found.st_size == record.size
+
+
+def file_sha256(path: Path) -> str | None:
+    """The sha256 of a file's bytes, read a megabyte at a time; None when it cannot be read."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as source:
+            while chunk := source.read(READ_BYTES):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+# Putting a finished window in place.
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    """A window's events, complete and fsynced in a temporary file, waiting to be put in place."""
+
+    window: Window
+    temp_path: Path
+    events: int
+    size: int
+    sha256: str
+    seconds: float
+    hours: dict[str, int] | None
+    event_types: dict[str, int]
+
+
+def save_window(finished: Finished, data_dir: Path, names, policy: dict | None, now: dt.datetime) -> Export:
+    """Put a finished window under the first free name of `names` (never over another file), then record it.
+
+    The record is journaled before the rename, so a run killed between the rename and the manifest append is
+    completed by the next run (finish_interrupted_save) instead of leaving a file the manifest does not know.
+    """
+    journal = data_dir / JOURNAL_NAME
+    try:
+        for name in names:
+            record = export_record(finished, name, now, policy)
+            if (data_dir / name).exists():
+                continue
+            write_durably(journal, ENCODE(record))
+            if put_in_place(finished.temp_path, data_dir / name):
+                break
+        fsync_folder(data_dir)
+        append_manifest(data_dir / MANIFEST_NAME, record)
+        journal.unlink()
+    except ExportError:  # a link planted where the journal goes
+        finished.temp_path.unlink(missing_ok=True)
+        raise
+    except OSError as exc:
+        finished.temp_path.unlink(missing_ok=True)
+        raise ExportError(f"cannot save {finished.window} in {data_dir}: {exc.strerror or exc}") from None
+    return record
+
+
+def export_record(finished: Finished, name: str, now: dt.datetime, policy: dict | None) -> Export:
+    return Export(
+        start=format_hour(finished.window.start), end=format_hour(finished.window.end), file=name,
+        events=finished.events, size=finished.size, sha256=finished.sha256, finished_at=iso_utc(now),
+        hours=finished.hours, event_types=dict(sorted(finished.event_types.items())), policy=policy or None,
+    )
+
+
+def output_names(started: dt.datetime, stem: str, extension: str, window: Window, several: bool):
+    """Candidate file names, best first: the nightly name, then with the window, then with a counter."""
+    base = f"{started:%Y%m%d_%H%M}_{stem}"
+    if not several:
+        yield base + extension
+    yield f"{base}_{window.label}{extension}"
+    for counter in itertools.count(2):
+        yield f"{base}_{window.label}_{counter}{extension}"
+
+
+def put_in_place(temp_path: Path, target: Path) -> bool:
+    """Rename `temp_path` to `target` unless `target` exists; a hard link makes the check and the rename one step."""
+    try:
+        os.link(temp_path, target)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP):
+            raise
+        # A filesystem without hard links: the run lock keeps this check and rename free of races.
+        if target.exists():
+            return False
+        os.replace(temp_path, target)
+        return True
+    temp_path.unlink()
+    return True
+
+
+def finish_interrupted_save(data_dir: Path, records: list) -> list[Export]:
+    """Record the file a killed run put in place without recording it; returns the records appended."""
+    journal = data_dir / JOURNAL_NAME
+    content = read_own_file(journal)
+    if content is None:
+        return []
+    try:
+        record = parse_line(content)
+    except ValueError:
+        record = None
+    appended = []
+    if not isinstance(record, Export):
+        # Torn while written (its rename never happened), or not written by this program at all.
+        log.warning("%s does not describe a file in the data folder; ignored", journal)
+    elif is_intact(record, data_dir) and not any(
+        r.file == record.file and r.sha256 == record.sha256 for r in records if isinstance(r, Export)
+    ):
+        log.warning("Recording %s, put in place by a run that stopped before recording it", record.file)
+        append_manifest(data_dir / MANIFEST_NAME, record)
+        appended.append(record)
+    journal.unlink()
+    return appended
+
+
+class Stopping(Exception):
+    """The run is stopping on a signal: no new temporary file may appear."""
+
+
+_temp_files = threading.Lock()
+_stopping = threading.Event()
+
+
+def create_temp_file(path: Path, mode: str = "xb"):
+    """A new temporary file (named TEMP_PREFIX...TEMP_SUFFIX), unless the run is stopping.
+
+    The download threads create them; a stop signal, handled on the main thread, first closes this door (under
+    the same lock), then removes what exists. A thread can then no longer leave a file behind between the two.
+    """
+    with _temp_files:
+        if _stopping.is_set():
+            raise Stopping("the run is stopping")
+        return open(path, mode)  # noqa: SIM115 - the caller owns the file
+
+
+def stop_creating_temp_files() -> None:
+    with _temp_files:
+        _stopping.set()
+
+
+def remove_temp_files(data_dir: Path, quiet: bool = False) -> None:
+    """Temporary files of an interrupted run; the lock guarantees no running export owns them."""
+    for stray in data_dir.glob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}"):
+        if not quiet:
+            log.warning("Removing %s, left by an interrupted run", stray)
+        stray.unlink(missing_ok=True)
+
+
+def temp_path_for(data_dir: Path, window: Window, extension: str) -> Path:
+    return data_dir / f"{TEMP_PREFIX}{window.label}-{uuid.uuid4().hex[:8]}{extension}{TEMP_SUFFIX}"
+
+
+# The folder, the lock and the exporter's own files.
+
+
+def ensure_folder(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"cannot create the data folder {path}: {exc.strerror or exc}") from None
+    return path
+
+
+@contextlib.contextmanager
+def hold_lock(data_dir: Path):
+    """One run per data folder; the kernel drops the lock when a run dies, so a crash never blocks the next."""
+    lock_path = data_dir / LOCK_NAME
+    with open_own_file(lock_path, os.O_RDWR | os.O_CREAT, "r+") as lock_file:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock_file.seek(0)
+            holder = lock_file.read().strip() or "unknown"
+            raise ExportError(f"another export is running in {data_dir} (pid {holder}); try again when it ends") from None
+        lock_file.truncate(0)
+        lock_file.write(str(os.getpid()))
+        lock_file.flush()
+        yield
+
+
+def open_own_file(path: Path, flags: int, mode: str):
+    """Open one of the exporter's own files (lock, manifest, journal) in the data folder, never through a link.
+
+    A symbolic link planted there would make a run write, truncate or upload a file outside the folder; a FIFO
+    would hang it. Both are refused before a byte is read or written.
+    """
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ExportError(f"{path} is a symbolic link; remove it: the exporter does not follow links there") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ExportError(f"{path} is not a regular file; remove it")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, mode)
+
+
+def read_own_file(path: Path) -> bytes | None:
+    """The content of one of the exporter's own files, or None when there is none."""
+    try:
+        with open_own_file(path, os.O_RDONLY, "rb") as source:
+            return source.read()
+    except FileNotFoundError:
+        return None
+
+
+def write_durably(path: Path, content: bytes) -> None:
+    with open_own_file(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "wb") as out:
+        out.write(content)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def write_atomically(path: Path, content: bytes) -> None:
+    """Write beside `path`, fsync, rename over it: a reader sees the old file or the new one, never half of one."""
+    temp = path.with_name(f".{path.name}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write_durably(temp, content)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def fsync_folder(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+

@@ -1,0 +1,127 @@
+"""The event writer: one output file streamed as a JSON array or JSON lines, optionally gzipped, hashed as written,
+with the per-hour and per-event-type counts of what it holds."""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import hashlib
+import os
+from pathlib import Path
+
+from isal import isal_zlib
+
+from store import create_temp_file
+from windows import Window, format_hour, hours_between
+
+GZIP_LEVEL = isal_zlib.ISAL_DEFAULT_COMPRESSION
+
+
+class EventWriter:
+    """Streams events into one file as a JSON array or JSON lines, optionally gzipped, hashing as it writes.
+
+    A mark/rollback pair undoes the events of a download that turned out damaged; with --gzip a mark closes
+    the current gzip member so the file can be cut there (a gzip file may hold several members).
+    """
+
+    def __init__(self, path: Path, file_format: str, gzip: bool):
+        self.path = path
+        self.events = 0
+        self.size = 0
+        self._array = file_format == "json"
+        self._gzip = gzip
+        self._hash = hashlib.sha256()
+        self._compressor = new_compressor() if gzip else None
+        self._member_open = False
+        self.tally = Tally()  # the counts of what is written, undone with it by rollback
+        self._file = create_temp_file(path)  # the writer owns it until finish() or discard()
+
+    def write_events(self, lines: list[bytes]) -> None:
+        if not lines:
+            return
+        # Separators go apart from the lines: a batch of one long line is then never copied into a larger buffer.
+        if self._array:
+            self._encode(b",\n" if self.events else b"[\n")
+            self._encode(b",\n".join(lines))
+        else:
+            self._encode(b"\n".join(lines))
+            self._encode(b"\n")
+        self.events += len(lines)
+
+    def mark(self) -> tuple:
+        self._close_member()
+        return self.size, self.events, self._hash.copy(), self.tally.copy()
+
+    def rollback(self, mark: tuple) -> None:
+        self.size, self.events, hash_copy, tally = mark
+        self._hash = hash_copy.copy()
+        self.tally = tally.copy()
+        self._file.seek(self.size)
+        self._file.truncate()
+        if self._gzip:
+            self._compressor = new_compressor()
+            self._member_open = False
+
+    def finish(self) -> None:
+        if self._array:
+            self._encode(b"\n]\n" if self.events else b"[]\n")
+        if self._gzip and (self._member_open or self.size == 0):
+            self._raw(self._compressor.flush())
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+    def discard(self) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
+
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    def _encode(self, data: bytes) -> None:
+        if self._gzip:
+            self._member_open = True
+            data = self._compressor.compress(data)
+        self._raw(data)
+
+    def _close_member(self) -> None:
+        if self._gzip and self._member_open:
+            self._raw(self._compressor.flush())
+            self._compressor = new_compressor()
+            self._member_open = False
+
+    def _raw(self, data: bytes) -> None:
+        if data:
+            self._file.write(data)
+            self._hash.update(data)
+            self.size += len(data)
+
+
+class Tally:
+    """Events per hour (the archive member's hour, which is how the Export API groups events) and per event type."""
+
+    def __init__(self, hours=None, types=None, unplaced=0):
+        self.hours: collections.Counter = collections.Counter(hours or {})
+        self.types: collections.Counter = collections.Counter(types or {})
+        self.unplaced = unplaced  # events of members whose name gives no hour
+
+    def add(self, hour: dt.datetime | None, types: list[str]) -> None:
+        if hour is None:
+            self.unplaced += len(types)
+        else:
+            self.hours[hour] += len(types)
+        self.types.update(types)
+
+    def copy(self) -> Tally:
+        return Tally(self.hours, self.types, self.unplaced)
+
+    def by_hour(self, window: Window) -> dict[str, int] | None:
+        """Every hour of the window (zeros included) and any stray hour; None if some events have no hour."""
+        if self.unplaced:
+            return None
+        hours = {hour: 0 for hour in hours_between(window.start, window.end)} | dict(self.hours)
+        return {format_hour(hour): hours[hour] for hour in sorted(hours)}
+
+
+def new_compressor():
+    return isal_zlib.compressobj(GZIP_LEVEL, isal_zlib.DEFLATED, 16 + isal_zlib.MAX_WBITS)
