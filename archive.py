@@ -108,7 +108,9 @@ def read_lines(stream, member: str, max_event_bytes: int):
             line_number += 1
             chunk = chunk[first_end + 1 :]
         text_size = len(tail) + len(chunk)
-        lines = (tail + chunk).split(b"\n")
+        lines = chunk.split(b"\n")  # the tail joins the first line only: no copy of the whole chunk
+        if tail:
+            lines[0] = tail + lines[0]
         tail = lines.pop()
         held = len(tail)
         if text_size > max_event_bytes:
@@ -165,7 +167,7 @@ def check_events(lines: list[bytes], member: str, first_line_number: int, parser
                     types.append(name)
             if isinstance(exc, KeyError):
                 break
-    if not all(type(name) is str for name in types):  # an event_type that is not text: its proxy is gone already
+    if set(map(type, types)) - {str}:  # an event_type that is not text: its proxy is gone already
         return check_slowly(lines, member, first_line_number, parser)
     if blanks:
         dropped = set(blanks)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import shlex
+import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -20,6 +22,7 @@ from windows import iso_utc, now_utc
 
 log = logging.getLogger("fetch_data")
 
+PROJECT = Path(__file__).resolve().parent
 REQUIREMENTS_FILE = "requirements-azure.txt"
 BLOCK_BYTES = 4 * 1024 * 1024  # blocks of this size are read from the file and sent one at a time: flat memory
 CONTAINER_NAME = re.compile(r"^(?=.{3,63}$)[a-z0-9](?:[a-z0-9]|-(?!-))*[a-z0-9]$")
@@ -66,9 +69,8 @@ def ensure_installed() -> None:
         import azure.identity  # noqa: F401
         import azure.storage.blob  # noqa: F401
     except ImportError:
-        raise ImportError(
-            f"--upload needs the Azure packages: pip install -r {REQUIREMENTS_FILE}"
-        ) from None
+        install = shlex.join([sys.executable, "-m", "pip", "install", "-r", str(PROJECT / REQUIREMENTS_FILE)])
+        raise ImportError(f"--upload needs the Azure packages: {install}") from None
 
 
 def target_from(credentials, container: str, prefix: str) -> Target:

@@ -175,6 +175,7 @@ def run_export(settings: Settings) -> int:
             return record
 
         saved, failures = export_windows(todo, settings, save)
+    warn_of_unmatched_rules(settings)
     log_summary(settings, saved, failures, time.monotonic() - began)
     if uploads and uploads.failure:
         log.error("Upload failed: %s; the files stay here and the next --upload run sends them", uploads.failure)
@@ -298,6 +299,15 @@ def write_to_local(zip_path: Path, writer: EventWriter, settings: Settings, pars
     except CorruptArchive as exc:
         writer.rollback(mark)
         raise Retryable(f"the archive is damaged ({exc})", settings.api.delay_seconds) from None
+
+
+def warn_of_unmatched_rules(settings: Settings) -> None:
+    """A field path no event carried is most likely a typo, and the personal data it meant stays in the files."""
+    if not settings.field_rules:
+        return
+    for path in settings.field_rules.unmatched():
+        flag = "--drop-fields" if path in settings.field_rules.rules.dropped else "--hash-fields"
+        log.warning("%s %s matched no event: check its spelling, or the data it names is kept", flag, path)
 
 
 def discard_unsaved(future) -> None:

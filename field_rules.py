@@ -67,23 +67,50 @@ def rules_from(dropped_text: str | None, hashed_text: str | None, key: str, sour
 
 
 def parse_paths(text: str | None, source: str) -> list[str]:
+    """Comma-separated paths, each checked; a dot inside a key name is written `\\.` (and a backslash `\\\\`)."""
     if text is None:
         return []
     paths = [path.strip() for path in text.split(",")]
     for path in paths:
         if not path:
             raise RuleError(f"{source}: an empty field path in {text!r}")
-        if any(not part.strip() for part in path.split(".")):
-            raise RuleError(f"{source}: {path!r} has an empty part (use dots between field names only)")
+        parts = split_path(path, source)
+        if any(part != part.strip() for part in parts):
+            raise RuleError(f"{source}: {path!r} has spaces around a dot (a key with spaces at its ends is not one "
+                            "Amplitude writes)")
     return list(dict.fromkeys(paths))
+
+
+def split_path(path: str, source: str = "path") -> list[str]:
+    """`a.b\\.c` is the key `b.c` inside `a`: the parts of a path, with its escapes resolved."""
+    parts, current, escaped = [], [], False
+    for char in path:
+        if escaped:
+            if char not in ".\\":
+                raise RuleError(f"{source}: {path!r}: a backslash stands before a dot or a backslash only")
+            current.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ".":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    if escaped:
+        raise RuleError(f"{source}: {path!r} ends in a backslash")
+    parts.append("".join(current))
+    if any(not part for part in parts):
+        raise RuleError(f"{source}: {path!r} has an empty part (use dots between field names only)")
+    return parts
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """The rules for the fields of one object: names to drop, names to hash, and objects to look into."""
+    """The rules for the fields of one object: (key, path) pairs to drop and to hash, and objects to look into."""
 
-    dropped: tuple[str, ...] = ()
-    hashed: tuple[str, ...] = ()
+    dropped: tuple[tuple[str, str], ...] = ()
+    hashed: tuple[tuple[str, str], ...] = ()
     nested: tuple[tuple[str, Plan], ...] = ()
 
 
@@ -92,66 +119,93 @@ class Pseudonymiser:
 
     def __init__(self, rules: FieldRules):
         self.rules = rules
-        self._plan = plan_of([path.split(".") for path in rules.dropped], [path.split(".") for path in rules.hashed])
-        self._key = rules.key
+        self._plan = plan_of([(split_path(p), p) for p in rules.dropped], [(split_path(p), p) for p in rules.hashed])
+        # The standard library's HMAC, keyed once: each value costs a copy, an update and a digest, all in C.
+        self._hmac = hmac.new(rules.key, digestmod=hashlib.sha256)
         # One memory per field name, so that IDs seen once (device IDs of one-time visitors) do not push out the
         # users who come back all day.
         self._pseudonyms: dict[str, dict[bytes, msgspec.Raw]] = collections.defaultdict(dict)
+        self.matched: set[str] = set()  # paths found in at least one event
+        self.events = 0
+
+    def unmatched(self) -> list[str]:
+        """The paths no event carried, once events went through: a typo there keeps personal data."""
+        return sorted(set(self.rules.dropped + self.rules.hashed) - self.matched) if self.events else []
 
     def apply(self, lines: list[bytes]) -> list[bytes]:
-        """Each event with the rules applied, or the very same bytes when it carries none of the fields."""
+        """Each event with the rules applied, or the very same bytes when it carries none of the fields.
+
+        An object the rules reach that holds a key twice is rewritten with one (the last, as JSON parsers read it),
+        so a first value hidden behind a second never reaches the file.
+        """
         decode, edit, plan = OBJECT.decode, self._edit, self._plan
         changed = []
         for line in lines:
             event = decode(line)
             # Values kept as they were keep their inner spacing: the line is made compact as a whole.
-            changed.append(FORMAT(ENCODE(event), indent=-1) if edit(event, plan) else line)
+            changed.append(FORMAT(ENCODE(event), indent=-1) if edit(event, plan) or has_duplicates(line, event)
+                           else line)
+        self.events += len(lines)
         return changed
 
     def _edit(self, event: dict, plan: Plan) -> bool:
         changed = False
-        for name in plan.dropped:
+        matched = self.matched
+        for name, path in plan.dropped:
             if event.pop(name, None) is not None:
                 changed = True
-        for name in plan.hashed:
+                matched.add(path)
+        for name, path in plan.hashed:
             value = event.get(name)
-            if value is not None:
-                raw = bytes(value)
-                if raw != b"null":  # null stays null
-                    known = self._pseudonyms[name]
-                    event[name] = known.get(raw) or self._pseudonym(raw, known)
-                    changed = True
+            if value is None:
+                continue
+            matched.add(path)
+            raw = bytes(value)
+            if raw == b"null":  # null stays null
+                continue
+            known = self._pseudonyms[path]
+            pseudonym = known.get(raw)
+            if pseudonym is None:
+                if len(known) >= CACHE_ENTRIES:  # IDs seen once must not grow the memory without bound
+                    known.clear()
+                mac = self._hmac.copy()
+                mac.update(text_to_hash(raw))
+                pseudonym = known[raw] = msgspec.Raw(b'"%b"' % mac.hexdigest().encode())
+            event[name] = pseudonym
+            changed = True
         for name, inner_plan in plan.nested:
             value = event.get(name)
             if value is not None:
                 raw = bytes(value)
                 if raw[:1] == b"{":
                     inner = OBJECT.decode(raw)
-                    if self._edit(inner, inner_plan):
+                    if self._edit(inner, inner_plan) or has_duplicates(raw, inner):
                         event[name] = msgspec.Raw(ENCODE(inner))
                         changed = True
         return changed
 
-    def _pseudonym(self, raw: bytes, known: dict[bytes, msgspec.Raw]) -> msgspec.Raw:
-        """A value's pseudonym, computed and remembered in `known`, which starts afresh when full."""
-        if len(known) >= CACHE_ENTRIES:
-            known.clear()
-        pseudonym = known[raw] = msgspec.Raw(b'"%b"' % hmac.digest(self._key, text_to_hash(raw), "sha256").hex().encode())
-        return pseudonym
+
+def has_duplicates(raw: bytes, decoded: dict) -> bool:
+    """Whether the object `raw` holds a key twice: its decoding, written back, then differs from it.
+
+    Called only for objects the rules left unchanged (a changed one is written from its decoding, one key each).
+    A key written with escapes also differs; such an object is rewritten too, which changes no value.
+    """
+    return FORMAT(raw, indent=-1) != FORMAT(ENCODE(decoded), indent=-1)
 
 
-def plan_of(dropped: list[list[str]], hashed: list[list[str]]) -> Plan:
-    """The paths (split at their dots) as a Plan. A field dropped or hashed as a whole covers the paths inside it;
-    a field both dropped and hashed through different paths is dropped."""
-    drop = {path[0] for path in dropped if len(path) == 1}
-    hash_ = {path[0] for path in hashed if len(path) == 1} - drop
-    inside = {path[0] for path in dropped + hashed if len(path) > 1} - drop - hash_
+def plan_of(dropped: list[tuple[list[str], str]], hashed: list[tuple[list[str], str]]) -> Plan:
+    """The paths (as parts, with the text that named them) as a Plan. A field dropped or hashed as a whole covers
+    the paths inside it; a field both dropped and hashed through different paths is dropped."""
+    drop = {parts[0]: path for parts, path in dropped if len(parts) == 1}
+    hash_ = {parts[0]: path for parts, path in hashed if len(parts) == 1 and parts[0] not in drop}
+    inside = {parts[0] for parts, _ in dropped + hashed if len(parts) > 1} - set(drop) - set(hash_)
     nested = tuple(
-        (name, plan_of([p[1:] for p in dropped if len(p) > 1 and p[0] == name],
-                       [p[1:] for p in hashed if len(p) > 1 and p[0] == name]))
+        (name, plan_of([(p[1:], path) for p, path in dropped if len(p) > 1 and p[0] == name],
+                       [(p[1:], path) for p, path in hashed if len(p) > 1 and p[0] == name]))
         for name in sorted(inside)
     )
-    return Plan(tuple(sorted(drop)), tuple(sorted(hash_)), nested)
+    return Plan(tuple(sorted(drop.items())), tuple(sorted(hash_.items())), nested)
 
 
 def text_to_hash(raw: bytes) -> bytes:

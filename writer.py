@@ -7,6 +7,8 @@ import collections
 import datetime as dt
 import hashlib
 import os
+import queue
+import threading
 from pathlib import Path
 
 from isal import isal_zlib
@@ -30,11 +32,10 @@ class EventWriter:
         self.size = 0
         self._array = file_format == "json"
         self._gzip = gzip
-        self._hash = hashlib.sha256()
         self._compressor = new_compressor() if gzip else None
         self._member_open = False
         self.tally = Tally()  # the counts of what is written, undone with it by rollback
-        self._file = create_temp_file(path)  # the writer owns it until finish() or discard()
+        self._sink = Sink(create_temp_file(path))  # the writer owns it until finish() or discard()
 
     def write_events(self, lines: list[bytes]) -> None:
         if not lines:
@@ -50,14 +51,12 @@ class EventWriter:
 
     def mark(self) -> tuple:
         self._close_member()
-        return self.size, self.events, self._hash.copy(), self.tally.copy()
+        return self.size, self.events, self._sink.hash_copy(), self.tally.copy()
 
     def rollback(self, mark: tuple) -> None:
         self.size, self.events, hash_copy, tally = mark
-        self._hash = hash_copy.copy()
         self.tally = tally.copy()
-        self._file.seek(self.size)
-        self._file.truncate()
+        self._sink.truncate(self.size, hash_copy)
         if self._gzip:
             self._compressor = new_compressor()
             self._member_open = False
@@ -67,16 +66,14 @@ class EventWriter:
             self._encode(b"\n]\n" if self.events else b"[]\n")
         if self._gzip and (self._member_open or self.size == 0):
             self._raw(self._compressor.flush())
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        self._sink.finish()
 
     def discard(self) -> None:
-        self._file.close()
+        self._sink.close()
         self.path.unlink(missing_ok=True)
 
     def sha256(self) -> str:
-        return self._hash.hexdigest()
+        return self._sink.hash_copy().hexdigest()
 
     def _encode(self, data: bytes) -> None:
         if self._gzip:
@@ -92,9 +89,77 @@ class EventWriter:
 
     def _raw(self, data: bytes) -> None:
         if data:
-            self._file.write(data)
-            self._hash.update(data)
+            self._sink.put(data)
             self.size += len(data)
+
+
+class Sink:
+    """A file and the sha256 of its bytes, written and hashed on a thread of its own.
+
+    Both release the GIL for blocks this size, so a window's bytes are hashed and written while the next lines are
+    checked. The queue is short: memory stays flat however far the checking runs ahead.
+    """
+
+    QUEUED = 4
+
+    def __init__(self, file):
+        self._file = file
+        self._hash = hashlib.sha256()
+        self._queue: queue.Queue = queue.Queue(self.QUEUED)
+        self._failure: OSError | None = None
+        self._thread = threading.Thread(target=self._drain, name="writer", daemon=True)
+        self._thread.start()
+
+    def put(self, data: bytes) -> None:
+        self._raise_failure()
+        self._queue.put(data)
+
+    def hash_copy(self):
+        self._settle()
+        return self._hash.copy()
+
+    def truncate(self, size: int, hash_copy) -> None:
+        self._settle()
+        self._hash = hash_copy.copy()
+        self._file.seek(size)
+        self._file.truncate()
+
+    def finish(self) -> None:
+        """Everything written, flushed and fsynced, and the file closed."""
+        self._settle()
+        self._stop()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+    def close(self) -> None:
+        self._stop()
+        self._file.close()
+
+    def _drain(self) -> None:
+        while (data := self._queue.get()) is not None:
+            try:
+                if self._failure is None:
+                    self._file.write(data)
+                    self._hash.update(data)
+            except OSError as exc:  # a full disk: said on the writer's next call
+                self._failure = exc
+            finally:
+                self._queue.task_done()
+        self._queue.task_done()
+
+    def _settle(self) -> None:
+        self._queue.join()
+        self._raise_failure()
+
+    def _stop(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
 
 
 class Tally:

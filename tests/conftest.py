@@ -46,7 +46,7 @@ AT_A_GIVEN_TIME = (
 def copy_project(destination: Path) -> Path:
     """The project's code as a fresh clone has it, in `destination`: what a run writes by default lands there."""
     destination.mkdir(parents=True)
-    for source in ROOT.glob("*.py"):
+    for source in [*ROOT.glob("*.py"), *ROOT.glob("requirements*.txt")]:
         shutil.copy2(source, destination / source.name)
     shutil.copytree(ROOT / "templates", destination / "templates")
     return destination

@@ -3,7 +3,9 @@
 import datetime as dt
 import json
 import os
+import shlex
 import socket
+import sys
 import uuid
 
 import pytest
@@ -208,7 +210,8 @@ def test_upload_without_the_azure_packages_says_which_file_to_install(cli, stand
     pythonpath = str(tmp_path / "shadow")
     result = cli.run(*DAY, "--upload", AZURE_STORAGE_CONNECTION_STRING="AccountName=a", PYTHONPATH=pythonpath)
     assert result.returncode == 2
-    assert result.stderr.strip() == "Error: --upload needs the Azure packages: pip install -r requirements-azure.txt"
+    install = shlex.join([sys.executable, "-m", "pip", "install", "-r", str(cli.project / "requirements-azure.txt")])
+    assert result.stderr.strip() == f"Error: --upload needs the Azure packages: {install}"
     assert standin.requests == []
 
 

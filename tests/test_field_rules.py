@@ -43,6 +43,10 @@ def rules(dropped=(), hashed=()) -> Pseudonymiser:
         (["--hash-fields", "user_id"], {}, "--hash-fields needs AMP_HASH_KEY (in .env or the environment, never a flag)"),
         (["--hash-fields", "user_id"], {"AMP_HASH_KEY": "short"}, "AMP_HASH_KEY must be at least 32 characters (it has 5)"),
         (["--hash-key", KEY], {}, "unrecognized arguments: --hash-key"),
+        (["--drop-fields", "user_properties. email"], {}, "'user_properties. email' has spaces around a dot"),
+        (["--drop-fields", "user_properties .email"], {}, "has spaces around a dot"),
+        (["--drop-fields", "a\\b"], {}, "a backslash stands before a dot or a backslash only"),
+        (["--drop-fields", "a\\"], {}, "ends in a backslash"),
     ],
 )
 def test_bad_field_settings_are_usage_errors(argv, env, message):
@@ -183,3 +187,68 @@ def test_pseudonyms_stay_right_when_their_memory_starts_afresh(monkeypatch):
     lines = [f'{{"user_id":"u{n % 5}","device_id":"d{n}"}}'.encode() for n in range(20)]
     out = [json.loads(line) for line in rules((), ["user_id", "device_id"]).apply(lines)]
     assert out == [{"user_id": pseudonym(f"u{n % 5}"), "device_id": pseudonym(f"d{n}")} for n in range(20)]
+
+
+# Keys with dots, duplicate keys, paths that match nothing
+
+
+def test_a_dot_inside_a_key_is_written_with_a_backslash():
+    applied = rules(dropped=["event_properties.page\\.url", "a\\.b"]).apply(
+        [b'{"a.b":1,"a":{"b":2},"event_properties":{"page.url":"x","page":{"url":"y"}}}'])
+    assert json.loads(applied[0]) == {"a": {"b": 2}, "event_properties": {"page": {"url": "y"}}}
+
+
+@pytest.mark.parametrize(
+    "line, dropped, hashed, expected",
+    [
+        # The last of two equal keys is the value every JSON parser reads: the rule applies to it, the first goes.
+        (b'{"event_type":"a","device_id":"LEAK","device_id":null}', (), ("device_id",),
+         {"event_type": "a", "device_id": None}),
+        (b'{"event_type":"a","device_id":null,"device_id":"LEAK"}', (), ("device_id",),
+         {"event_type": "a", "device_id": "PSEUDONYM:LEAK"}),
+        (b'{"event_properties":{"email":"LEAK"},"event_properties":{}}', ("event_properties.email",), (),
+         {"event_properties": {}}),
+        (b'{"event_properties":{"email":"LEAK","email":null}}', (), ("event_properties.email",),
+         {"event_properties": {"email": None}}),
+        (b'{"user_id":"u","event_properties":{"email":"LEAK","email":null}}', (), ("user_id", "event_properties.email"),
+         {"user_id": "PSEUDONYM:u", "event_properties": {"email": None}}),
+        (b'{"city":"LEAK","x":1,"city":"also"}', ("city",), (), {"x": 1}),
+    ],
+)
+def test_a_key_written_twice_never_carries_its_first_value_past_the_rules(line, dropped, hashed, expected):
+    (applied,) = rules(dropped, hashed).apply([line])
+    assert b"LEAK" not in applied or b'"PSEUDONYM' in applied
+    decoded = json.loads(applied)
+    for key, value in expected.items():
+        if isinstance(value, str) and value.startswith("PSEUDONYM:"):
+            expected[key] = pseudonym(value.removeprefix("PSEUDONYM:"))
+    assert decoded == expected
+    assert b"LEAK" not in applied
+
+
+def test_a_key_twice_in_an_object_no_rule_reaches_is_left_as_sent():
+    line = b'{"user_id":"u","data":{"k":1,"k":2}}'
+    (applied,) = rules(hashed=["user_id"]).apply([line])
+    assert applied == b'{"user_id":"' + pseudonym("u").encode() + b'","data":{"k":1,"k":2}}'
+    assert rules(dropped=["city"]).apply([b'{"data":{"k":1,"k":2}}']) == [b'{"data":{"k":1,"k":2}}']
+
+
+def test_a_long_line_with_a_key_twice_is_rewritten_too():
+    filler = b'"' + b"x" * (2 << 20) + b'"'
+    line = b'{"device_id":"LEAK","blob":' + filler + b',"device_id":null}'
+    (applied,) = rules(hashed=["device_id"]).apply([line])
+    assert b"LEAK" not in applied and json.loads(applied)["device_id"] is None
+
+
+def test_paths_that_matched_no_event_are_named():
+    applied = rules(dropped=["city", "user_properties.emial"], hashed=["user_id", "device_id"])
+    assert applied.unmatched() == []  # nothing seen yet: nothing to say
+    applied.apply([b'{"city":"x","user_id":null,"user_properties":{"email":"a"}}'])
+    assert applied.unmatched() == ["device_id", "user_properties.emial"]
+
+
+def test_a_run_warns_of_a_path_that_matched_no_event(cli, standin):
+    result = cli.run(*DAY, "--drop-fields", "ip_adress,city", AMP_HASH_KEY=KEY)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"WARNING - --drop-fields ip_adress matched no event", result.stderr)
+    assert "city matched no event" not in result.stderr

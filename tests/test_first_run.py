@@ -92,14 +92,19 @@ def test_env_example_sets_no_value():
 # 2. A wrong interpreter or a missing package: one line and exit 2
 
 
-def test_a_missing_package_is_one_line_naming_it_and_the_fix(tmp_path):
+def test_a_missing_package_is_one_line_naming_it_and_a_fix_that_pastes(tmp_path):
+    project = copy_project(tmp_path / "my projects" / "amplitude export")
     # -S: no site-packages, as with a system python outside the virtual environment.
-    result = subprocess.run([sys.executable, "-S", str(ROOT / "fetch_data.py")], cwd=tmp_path, capture_output=True,
+    result = subprocess.run([sys.executable, "-S", str(project / "fetch_data.py")], cwd=tmp_path, capture_output=True,
                             text=True, stdin=subprocess.DEVNULL, timeout=60)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
-    assert re.fullmatch(r"Error: the Python package \S+ is missing for \S+; .*pip install -r \S+requirements\.txt", lines[0])
+    found = re.fullmatch(r"Error: the Python package \S+ is missing for \S+; (.*)", lines[0])
+    assert found
+    # The command as printed is what a shell runs: the paths with spaces come back whole.
+    assert shlex.split(found.group(1)) == [sys.executable, "-m", "pip", "install", "-r",
+                                           str(project / "requirements.txt")]
 
 
 def older_python() -> str | None:
