@@ -23,6 +23,7 @@ import simdjson
 from isal import igzip_threaded
 
 from errors import first_text_line
+from logging_config import printable
 from windows import HOUR, Window
 
 log = logging.getLogger("fetch_data")
@@ -34,6 +35,7 @@ MIN_READ_BYTES = 64 << 10
 DECOMPRESS_BLOCK_BYTES = 256 << 10
 MAX_BATCH_LINES = 20_000
 UTF8_BOM = b"\xef\xbb\xbf"
+SAMPLE_BYTES = 80  # the start of a refused line a message may show, when no field rules are asked for
 NO_EVENT_TYPE = "(no event_type)"
 GZIP_MAGIC = b"\x1f\x8b"
 # Seen in Amplitude archives: <project>/<project>_<YYYY-MM-DD>_<H>#<N>.json.gz, the hour not zero-padded.
@@ -49,7 +51,24 @@ class CorruptArchive(Exception):
 
 
 class BadEvent(Exception):
-    """A line that is not an event, or longer than allowed: the window fails, naming the member and line."""
+    """A line that is not an event, or longer than allowed: the window fails, naming the member and line.
+
+    The message names the member, the line, its length and the reason; `with_content` adds the line's first bytes,
+    which the pipeline shows only when no field rules are asked for (they could hold personal data).
+    """
+
+    def __init__(self, member: str, number: int, reason: str, sample: bytes = b"", length: int | None = None):
+        super().__init__(f"{printable(member)} line {number}: {reason}")
+        self.sample = sample
+        self.length = length
+
+    def with_content(self) -> str:
+        if not self.sample:
+            return str(self)
+        return f"{self} ({self.length} bytes, starting {self.sample!r})"
+
+    def without_content(self) -> str:
+        return f"{self} ({self.length} bytes)" if self.length is not None else str(self)
 
 
 def unzip(zip_path: Path, span: Window, max_event_bytes: int):
@@ -130,10 +149,8 @@ def read_lines(stream, member: str, max_event_bytes: int):
 
 def ensure_short(size: int, max_event_bytes: int, member: str, line_number: int) -> None:
     if size > max_event_bytes:
-        raise BadEvent(
-            f"{member} line {line_number}: longer than {max_event_bytes} bytes (--max-event-bytes); "
-            "raise the limit if such events are expected"
-        )
+        raise BadEvent(member, line_number, f"longer than {max_event_bytes} bytes (--max-event-bytes); "
+                       "raise the limit if such events are expected")
 
 
 def without_boms(lines: list[bytes]) -> list[bytes]:
@@ -214,27 +231,63 @@ def event_type_of(line: bytes, member: str, number: int, parser) -> str | None:
 def long_event_type(line: bytes, member: str, number: int) -> str:
     """A line of megabytes, checked without building its values: simdjson and json would need three times its size."""
     try:
-        event = LONG_EVENT.decode(line)
+        event = LONG_EVENT.decode(mask_surrogates(line) or line)
         decoder = codecs.getincrementaldecoder("utf-8")()
         view = memoryview(line)
         for offset in range(0, len(view), CHUNK_BYTES):
             decoder.decode(view[offset : offset + CHUNK_BYTES])
         decoder.decode(b"", final=True)
-    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, ValueError):
         raise not_an_event(member, number, line) from None
     name = event.get("event_type")
-    return type_name(None if name is None else json.loads(bytes(name)))
+    return type_name(None if name is None else json.loads(unmask_surrogates(bytes(name))))
 
 
 def type_name(value) -> str:
-    """An event type as the manifest counts it: its text, or its JSON when it is not text."""
-    if isinstance(value, str):
-        return value
-    return NO_EVENT_TYPE if value is None else json.dumps(value, ensure_ascii=False)
+    """An event type as the manifest counts it: its text, or its JSON when it is not text. A lone surrogate
+    (valid JSON, which JavaScript writes for a cut emoji) is counted under its escape, `\\ud800`."""
+    if not isinstance(value, str):
+        return NO_EVENT_TYPE if value is None else json.dumps(value, ensure_ascii=False)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
 
 
 def not_an_event(member: str, number: int, line: bytes) -> BadEvent:
-    return BadEvent(f"{member} line {number}: not a JSON object in UTF-8: {line[:80]!r}")
+    return BadEvent(member, number, "not a JSON object in UTF-8", line[:SAMPLE_BYTES], len(line))
+
+
+# Lone surrogates: `"\ud800"` is valid JSON that msgspec refuses to decode. Their escapes are masked (the escaping
+# backslash doubled, so msgspec reads plain text) and unmasked after. A line that already holds the masked form as
+# text would come back changed: such a line is refused rather than altered.
+SURROGATE_ESCAPE = re.compile(rb"(\\+)(u[dD][89a-fA-F][0-9a-fA-F]{2})")
+
+
+def mask_surrogates(line: bytes) -> bytes | None:
+    """The line with every surrogate escape masked; None when it holds none."""
+    if b"\\u" not in line:
+        return None
+    found = False
+
+    def mask(match):
+        nonlocal found
+        slashes = match.group(1)
+        if len(slashes) % 2 == 0:  # an escaped backslash, then text: the masked form would be ambiguous
+            raise ValueError("holds the text of a surrogate escape")
+        found = True
+        return slashes + b"\\" + match.group(2)
+
+    masked = SURROGATE_ESCAPE.sub(mask, line)
+    return masked if found else None
+
+
+def unmask_surrogates(data: bytes) -> bytes:
+    """The inverse of mask_surrogates, for text that came out of a masked line."""
+    if b"\\u" not in data:
+        return data
+    return SURROGATE_ESCAPE.sub(lambda m: m.group(1)[:-1] + m.group(2) if len(m.group(1)) % 2 == 0 else m.group(0), data)
 
 
 def reject_constant(name: str):

@@ -31,7 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PROJECT_MODULES = ("errors", "windows", "settings", "export_api", "archive", "writer", "store", "logging_config")
+PROJECT_MODULES = ("errors", "windows", "settings", "export_api", "archive", "writer", "store", "logging_config",
+                   "progress")
 
 
 def explain_missing_import(missing: ImportError) -> str:
@@ -63,7 +64,8 @@ try:
     from archive import BadEvent, CorruptArchive, check_events, member_hour, unzip
     from errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ExportError, UsageError
     from export_api import Retryable, TooLarge, fetch, open_session
-    from logging_config import setup_logging
+    from logging_config import printable, setup_logging
+    from progress import progress_bar
     from settings import Settings, load_environment, parse_settings
     from store import MANIFEST_NAME, Export, Finished
     from windows import Window, fresh_windows, now_utc, plan_missing
@@ -77,18 +79,21 @@ log = logging.getLogger("fetch_data")
 
 def main(argv: list[str] | None = None) -> int:
     """Every mode runs inside this one boundary: a usage problem exits 2, a failed run 1, each with one line."""
+    for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show a character gets its escape instead
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     started = now_utc()
     try:
         env = load_environment(Path.cwd(), os.environ)
         settings = parse_settings(argv, env, started)
     except UsageError as exc:
-        print(f"Error: {exc}", file=sys.stderr)
+        print(f"Error: {printable(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     share_with_sdks(env)
     try:
         log_file = setup_logging(settings.log_dir, settings.log_level, started, settings.quiet)
     except OSError as exc:
-        print(f"Error: cannot write logs to {settings.log_dir}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"Error: cannot write logs to {printable(str(settings.log_dir))}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_USAGE
     exit_code = run_mode(settings)
     if exit_code != EXIT_OK or not settings.quiet:
@@ -295,7 +300,8 @@ def write_to_local(zip_path: Path, writer: EventWriter, settings: Settings, pars
             writer.write_events(settings.field_rules.apply(events) if settings.field_rules else events)
             writer.tally.add(member_hour(member), types)
     except BadEvent as exc:  # the archive passed its CRC check: downloading it again would not help
-        raise ExportError(str(exc)) from None
+        # Under field rules the line's content could be the very data the rules keep out of files and logs.
+        raise ExportError(exc.without_content() if settings.field_rules else exc.with_content()) from None
     except CorruptArchive as exc:
         writer.rollback(mark)
         raise Retryable(f"the archive is damaged ({exc})", settings.api.delay_seconds) from None
@@ -348,11 +354,15 @@ def run_report(settings: Settings) -> int:
     built = report.build_report(records, data_dir, start, end, settings.verify)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        store.write_atomically(target, report.render_html(built).encode("utf-8"))
+        store.write_atomically(target, report.render_html(built).encode("utf-8", "backslashreplace"))
     except OSError as exc:
         raise ExportError(f"cannot write the report to {target}: {exc.strerror or exc}") from None
-    print(report.render_table(built, target))
+    print(printable_table(report.render_table(built, target)))
     return EXIT_FAILED if built.missing else EXIT_OK
+
+
+def printable_table(table: str) -> str:
+    return "\n".join(printable(line) for line in table.split("\n"))
 
 
 def refuse_own_file(target: Path, data_dir: Path, records: list) -> None:
@@ -362,7 +372,7 @@ def refuse_own_file(target: Path, data_dir: Path, records: list) -> None:
         raise UsageError(f"--report-file {target}: that is one of the exporter's own files; choose another name")
 
 
-# Signals and progress.
+# Signals.
 
 
 def stop_cleanly_on_signals(data_dir: Path) -> None:
@@ -387,36 +397,6 @@ def leave_signals_to_main_thread() -> None:
     """Python runs signal handlers in the main thread only, and a signal the kernel hands to a worker thread does
     not wake a main thread blocked waiting on a future: so workers (and the threads they start) block them."""
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
-
-
-@contextlib.contextmanager
-def progress_bar(total: int, shown: bool):
-    """A bar of windows and bytes when a person watches stderr; log lines only in cron."""
-    if not (shown and sys.stderr.isatty()):
-        yield NoProgress()
-        return
-    from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    # Log lines go through the bar's writer, so they scroll above it instead of tearing it.
-    with logging_redirect_tqdm(), tqdm(total=total, unit="window", file=sys.stderr, dynamic_ncols=True) as bar:
-        yield BarProgress(bar)
-
-
-class NoProgress:
-    def advance(self, size: int) -> None:
-        pass
-
-
-class BarProgress:
-    def __init__(self, bar):
-        self.bar = bar
-        self.size = 0
-
-    def advance(self, size: int) -> None:
-        self.size += size
-        self.bar.set_postfix_str(f"{self.size / 1e6:.1f} MB", refresh=False)
-        self.bar.update(1)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import json
 
 import msgspec
 
+from archive import mask_surrogates, unmask_surrogates
+
 HASH_KEY_VARIABLE = "AMP_HASH_KEY"
 MIN_KEY_CHARS = 32
 KEY_ID_DIGITS = 12
@@ -141,10 +143,14 @@ class Pseudonymiser:
         decode, edit, plan = OBJECT.decode, self._edit, self._plan
         changed = []
         for line in lines:
-            event = decode(line)
+            masked = mask_surrogates(line) if b"\\u" in line else None
+            event = decode(masked or line)
             # Values kept as they were keep their inner spacing: the line is made compact as a whole.
-            changed.append(FORMAT(ENCODE(event), indent=-1) if edit(event, plan) or has_duplicates(line, event)
-                           else line)
+            if edit(event, plan) or has_duplicates(masked or line, event):
+                rewritten = FORMAT(ENCODE(event), indent=-1)
+                changed.append(unmask_surrogates(rewritten) if masked else rewritten)
+            else:
+                changed.append(line)
         self.events += len(lines)
         return changed
 
@@ -212,7 +218,9 @@ def text_to_hash(raw: bytes) -> bytes:
     """A string's own UTF-8 text; a number's or a boolean's JSON text as it stands; an object's compact JSON text."""
     if raw.startswith(b'"'):
         # Without escapes a JSON string's bytes between the quotes are its UTF-8 text already.
-        return raw[1:-1] if b"\\" not in raw else json.loads(raw).encode("utf-8", "surrogatepass")
+        if b"\\" not in raw:
+            return raw[1:-1]
+        return json.loads(unmask_surrogates(raw)).encode("utf-8", "surrogatepass")
     if raw.startswith((b"{", b"[")):
-        return msgspec.json.format(raw, indent=-1)
+        return unmask_surrogates(msgspec.json.format(raw, indent=-1))
     return raw

@@ -1,8 +1,13 @@
-"""Logging for fetch_data.py: one timestamped file per run, mirrored to stderr."""
+"""Logging: one timestamped file per run, mirrored to stderr, and text from data made safe to print.
+
+Event types, member names and server answers come from outside: a control character in them could clear a
+terminal, and a newline could forge a log line. Every log line passes through one filter that escapes them.
+"""
 
 import contextlib
 import datetime as dt
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -19,13 +24,14 @@ def setup_logging(log_outpath="logs", log_level=logging.INFO, now=None, quiet=Fa
     folder.mkdir(parents=True, exist_ok=True)
     log_file = folder / f"log_{now:%Y%m%d_%H%M%S}.log"
     formatter = logging.Formatter(LOG_FORMAT)
-    handlers = [LogFileHandler(log_file, encoding="utf-8"), logging.StreamHandler(sys.stderr)]
+    handlers = [LogFileHandler(log_file, encoding="utf-8", errors="backslashreplace"), logging.StreamHandler(sys.stderr)]
     root = logging.getLogger()
     for old in root.handlers[:]:
         root.removeHandler(old)
         old.close()
     for handler in handlers:
         handler.setFormatter(formatter)
+        handler.addFilter(escape_record)
         root.addHandler(handler)
     if quiet:
         handlers[1].setLevel(logging.WARNING)
@@ -64,3 +70,26 @@ class LogFileHandler(logging.FileHandler):
         # The buffered lines that could not be written cannot be written now either.
         with contextlib.suppress(OSError):
             super().close()
+
+
+# C0 and C1 controls (newlines included), lone surrogates, and the marks that reorder text on screen.
+UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """`text` with every character that could move a cursor, end a line or reorder a line shown as its escape."""
+    return UNPRINTABLE.sub(escape_character, text)
+
+
+def escape_character(found: re.Match) -> str:
+    code = ord(found.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape_record(record: logging.LogRecord) -> bool:
+    """A logging filter: the message, arguments filled in, made printable; the record is always kept."""
+    message = record.getMessage()
+    escaped = printable(message)
+    if escaped != message:
+        record.msg, record.args = escaped, None
+    return True

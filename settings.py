@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from errors import UsageError
-from windows import Window, format_hour, last_finished_hour, parse_hour, plan_windows, yesterday
+from windows import FIRST_YEAR, LAST_YEAR, Window, format_hour, last_finished_hour, parse_hour, plan_windows, yesterday
 
 PROJECT = Path(__file__).resolve().parent
 EU_BASE_URL = "https://analytics.eu.amplitude.com"
@@ -280,6 +280,8 @@ def load_environment(cwd: Path, environ: Mapping) -> Environment:
 def parse_settings(argv: list[str] | None, env: Mapping, now: dt.datetime, cwd: Path | None = None) -> Settings:
     """Every setting once, from a flag or its environment variable, validated before any I/O."""
     args = build_parser().parse_args(argv)
+    if not FIRST_YEAR <= now.year <= LAST_YEAR - 1:
+        raise UsageError(f"the system clock says {now.year:04d}-{now:%m-%d %H:%M} UTC; set it right before exporting")
     values = Values(args, env, cwd or Path.cwd())
     demo, report = values["demo"], values["report"]
     start, end = pick_range(args, now)
