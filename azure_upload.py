@@ -7,7 +7,9 @@ container, and describe the failure by its type and status, never by the SDK's t
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import hashlib
 import logging
 import re
 import shlex
@@ -18,6 +20,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from store import MANIFEST_NAME, Export, Upload, append_manifest, is_intact
+from urls import plain_http_elsewhere
 from windows import iso_utc, now_utc
 
 log = logging.getLogger("fetch_data")
@@ -29,7 +32,16 @@ CONTAINER_NAME = re.compile(r"^(?=.{3,63}$)[a-z0-9](?:[a-z0-9]|-(?!-))*[a-z0-9]$
 
 
 class UploadError(Exception):
-    """Storage unreachable or credentials rejected; the message names the account and the container only."""
+    """Storage unreachable, credentials rejected, or a blob that holds other bytes; the message names the account,
+    the container and the blob only."""
+
+
+class FileChanged(Exception):
+    """A file whose bytes no longer match its manifest line: not uploaded, and its hours are exported again."""
+
+    def __init__(self, name: str, reason: str = "its bytes no longer match the sha256 recorded when it was exported"):
+        super().__init__(f"{name}: {reason}")
+        self.name = name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,12 +92,14 @@ def target_from(credentials, container: str, prefix: str) -> Target:
         raise ValueError(
             f"container name {container!r} is not valid in Azure: 3 to 63 lowercase letters, digits and single hyphens"
         )
-    prefix = prefix.strip("/")
+    prefix = check_prefix(prefix)
     connection_string = (credentials.get("AZURE_STORAGE_CONNECTION_STRING") or "").strip()
     account_url = (credentials.get("AZURE_STORAGE_ACCOUNT_URL") or "").strip().rstrip("/")
     sas_token = (credentials.get("AZURE_STORAGE_SAS_TOKEN") or "").strip().lstrip("?")
     if connection_string:
-        return Target(container, prefix, endpoint_of(connection_string), connection_string=connection_string)
+        endpoint = endpoint_of(connection_string)
+        refuse_plain_http(endpoint, "AZURE_STORAGE_CONNECTION_STRING")
+        return Target(container, prefix, endpoint, connection_string=connection_string)
     if not account_url:
         raise ValueError(
             "--upload needs AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT_URL "
@@ -93,11 +107,35 @@ def target_from(credentials, container: str, prefix: str) -> Target:
         )
     if not re.fullmatch(r"https?://[^\s/?#@]+(/[^\s?#]*)?", account_url):
         raise ValueError("AZURE_STORAGE_ACCOUNT_URL: expected https://<account>.blob.core.windows.net (no query, no token)")
+    refuse_plain_http(account_url, "AZURE_STORAGE_ACCOUNT_URL")
     return Target(container, prefix, account_url, sas_token=sas_token or None)
+
+
+def refuse_plain_http(endpoint: str, source: str) -> None:
+    """Keys, SAS tokens and the data itself travel over https only; plain http is for Azurite on this machine."""
+    host = plain_http_elsewhere(endpoint)
+    if host:
+        raise ValueError(f"{source}: the credentials and the data would travel unencrypted to {host}; use https "
+                         "(plain http is for Azurite on 127.0.0.1 only)")
+
+
+def check_prefix(prefix: str) -> str:
+    """The blob prefix without its outer slashes; one that could climb out of its folder or confuse a reader is
+    refused before any request."""
+    stripped = prefix.strip().strip("/")
+    segments = stripped.split("/") if stripped else []
+    if "\\" in stripped or any(segment in ("", ".", "..") for segment in segments):
+        raise ValueError(f"blob prefix {prefix!r}: use names separated by single slashes, without '.', '..', "
+                         "empty parts or backslashes")
+    if any(not character.isprintable() for character in stripped):
+        raise ValueError(f"blob prefix {prefix!r}: holds a character that is not printable")
+    return stripped
 
 
 def endpoint_of(connection_string: str) -> str:
     fields = dict(part.split("=", 1) for part in connection_string.split(";") if "=" in part)
+    if fields.get("UseDevelopmentStorage", "").lower() == "true":
+        return "http://127.0.0.1:10000/devstoreaccount1"
     if fields.get("BlobEndpoint"):
         return fields["BlobEndpoint"].rstrip("/")
     if fields.get("AccountName"):
@@ -138,24 +176,55 @@ class Uploader:
         self._container = None
 
     def send(self, path: Path, blob_name: str, content_type: str, gzip: bool, metadata: dict[str, str]) -> bool:
-        """Upload `path` unless the blob already has its sha256; True when bytes were sent."""
-        from azure.core.exceptions import AzureError
-        from azure.storage.blob import ContentSettings
+        """Upload `path` as a new blob; True when bytes were sent, False when the blob already holds them.
 
+        A blob is never replaced: one that holds other bytes is an UploadError. The file is sent in blocks and
+        hashed as it is read; the blob is committed, with that sha256 in its metadata, only when it equals
+        `metadata["sha256"]` (the manifest's), else FileChanged and nothing is committed.
+        """
+        from azure.core import MatchConditions
+        from azure.core.exceptions import AzureError, ResourceExistsError, ResourceModifiedError
+        from azure.storage.blob import BlobBlock, ContentSettings
+
+        expected = metadata["sha256"]
         try:
-            container = self._connect()
-            blob = container.get_blob_client(blob_name)
-            if self._stored_sha256(blob) == metadata["sha256"]:
+            blob = self._connect().get_blob_client(blob_name)
+            if self._already_there(blob, blob_name, expected):
                 return False
+            digest, blocks = hashlib.sha256(), []
+            with open(path, "rb") as source:
+                while chunk := source.read(BLOCK_BYTES):
+                    digest.update(chunk)
+                    blocks.append(BlobBlock(base64.b64encode(f"{len(blocks):08d}".encode()).decode()))
+                    blob.stage_block(blocks[-1].id, chunk)
+            if digest.hexdigest() != expected:
+                raise FileChanged(path.name)
             settings = ContentSettings(content_type=content_type, content_encoding="gzip" if gzip else None)
-            with open(path, "rb") as data:
-                blob.upload_blob(
-                    data, length=path.stat().st_size, overwrite=True, content_settings=settings, metadata=metadata,
-                    max_concurrency=1,
-                )
+            try:
+                blob.commit_block_list(blocks, content_settings=settings, metadata={**metadata, "sha256": digest.hexdigest()},
+                                       match_condition=MatchConditions.IfMissing)
+            except (ResourceExistsError, ResourceModifiedError):  # another run committed it meanwhile
+                if self._already_there(blob, blob_name, expected):
+                    return False
+                raise
             return True
         except AzureError as exc:
             raise UploadError(self._describe(exc)) from None
+        except OSError as exc:
+            raise FileChanged(path.name, exc.strerror or str(exc)) from None
+
+    def _already_there(self, blob, blob_name: str, expected: str) -> bool:
+        """True when the blob holds these bytes; an UploadError when it holds others; False when it is missing."""
+        stored = self._stored_sha256(blob)
+        if stored is None:
+            return False
+        if stored != expected:
+            raise UploadError(
+                f"blob {blob_name} in container {self.target.container} already holds other bytes (sha256 "
+                f"{stored[:12]}...); it is not replaced. Two data folders uploading to one prefix? Give each its own "
+                "--blob-prefix"
+            )
+        return True
 
     def _connect(self):
         """The container client, creating the container where the credentials allow it."""
@@ -176,14 +245,15 @@ class Uploader:
 
     @staticmethod
     def _stored_sha256(blob) -> str | None:
+        """The sha256 a blob's metadata records; None when there is no such blob; "" when it records none."""
         from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 
         try:
-            return blob.get_blob_properties().metadata.get("sha256")
+            return blob.get_blob_properties().metadata.get("sha256", "")
         except ResourceNotFoundError:
             return None
         except HttpResponseError as exc:
-            if exc.status_code == 403:  # a write-only SAS cannot read properties: upload again
+            if exc.status_code == 403:  # a write-only SAS cannot read: the conditional commit still never replaces
                 return None
             raise
 
@@ -212,6 +282,7 @@ class Uploads:
         self.data_dir = data_dir
         self.uploader = Uploader(target)
         self.failure: str | None = None
+        self.changed: set[str] = set()  # files not uploaded because their bytes changed: export their hours again
 
     def send_pending(self, records: list) -> None:
         pending = pending_uploads(records, self.data_dir)
@@ -225,13 +296,15 @@ class Uploads:
             return
         blob = self.target.blob_name(record.start, record.file)
         metadata = {"window_start": record.start, "window_end": record.end, "events": str(record.events),
-                    "sha256": record.sha256}
-        if record.policy:
-            metadata["policy"] = msgspec.json.encode(record.policy).decode()
+                    "sha256": record.sha256, **policy_metadata(record.policy)}
         try:
             sent = self.uploader.send(
                 self.data_dir / record.file, blob, content_type_of(record.file), record.file.endswith(".gz"), metadata,
             )
+        except FileChanged as exc:
+            log.warning("%s; not uploaded, its hours are exported again", exc)
+            self.changed.add(record.file)
+            return
         except UploadError as exc:
             self.failure = str(exc)
             return
@@ -257,6 +330,21 @@ def pending_uploads(records: list, data_dir: Path) -> list[Export]:
             pending.append(record)
             seen.add(key)
     return pending
+
+
+POLICY_METADATA_CHARS = 2048  # Azure allows 8 KB of metadata in all; the rest is for the window, count and sha256
+
+
+def policy_metadata(policy: dict | None) -> dict[str, str]:
+    """The field rules as blob metadata: their JSON when short and plain ASCII, else its sha256 and the counts (the
+    manifest line keeps the whole policy). Decided from the policy alone, so it never fails at upload time."""
+    if not policy:
+        return {}
+    text = msgspec.json.encode(policy).decode()
+    if len(text) <= POLICY_METADATA_CHARS and text.isascii() and text.isprintable():
+        return {"policy": text}
+    return {"policy_sha256": hashlib.sha256(text.encode()).hexdigest(), "policy_key_id": policy.get("key_id") or "",
+            "policy_fields": f"{len(policy.get('dropped', []))} dropped, {len(policy.get('hashed', []))} hashed"}
 
 
 def content_type_of(file_name: str) -> str:

@@ -21,8 +21,9 @@ from pathlib import Path
 import requests
 
 from errors import ExportError, first_text_line
-from settings import EXPORT_PATH, Api, is_loopback
+from settings import EXPORT_PATH, Api
 from store import create_temp_file
+from urls import is_loopback
 from windows import Window, format_hour, now_utc
 
 log = logging.getLogger("fetch_data")

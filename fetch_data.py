@@ -165,9 +165,10 @@ def run_export(settings: Settings) -> int:
         stop_cleanly_on_signals(data_dir)
         records = store.read_manifest(data_dir / MANIFEST_NAME)
         records += store.finish_interrupted_save(data_dir, records)
-        todo = plan_todo(settings, records)
-        warn_if_fresh(todo, settings.started)
         uploads = start_uploads(settings, records)
+        changed = uploads.changed if uploads else set()
+        todo = plan_todo(settings, [r for r in records if not (isinstance(r, Export) and r.file in changed)])
+        warn_if_fresh(todo, settings.started)
         several = todo != [settings.seed_named_window]
 
         def save(finished: Finished) -> Export:

@@ -16,16 +16,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
-import ipaddress
 import logging
 import math
 import os
 import re
-import urllib.parse
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from errors import UsageError
+from urls import is_loopback
 from windows import FIRST_YEAR, LAST_YEAR, Window, format_hour, last_finished_hour, parse_hour, plan_windows, yesterday
 
 PROJECT = Path(__file__).resolve().parent
@@ -507,12 +506,3 @@ def pick_field_rules(values: Values):
     except field_rules.RuleError as exc:
         raise UsageError(str(exc)) from None
     return field_rules.Pseudonymiser(rules) if rules else None
-
-
-def is_loopback(host: str) -> bool:
-    """127.0.0.0/8, ::1 or localhost, with or without a port: the only hosts plain http may carry secrets to."""
-    try:
-        name = urllib.parse.urlsplit(f"//{host}").hostname or ""
-        return name == "localhost" or ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False

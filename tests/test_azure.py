@@ -1,6 +1,7 @@
 """--upload against a real Azurite (started by test.sh), plus unit tests of the parts Azurite cannot show."""
 
 import datetime as dt
+import hashlib
 import json
 import os
 import shlex
@@ -194,6 +195,18 @@ def test_upload_without_storage_settings_is_a_usage_error_before_any_export(cli,
             "the connection string for Azure is incomplete or malformed",
         ),
         ({"AZURE_STORAGE_ACCOUNT_URL": "https://acct.blob.core.windows.net/?sv=1&sig=abc"}, "no query, no token"),
+        ({"AZURE_STORAGE_ACCOUNT_URL": "http://acct.blob.core.windows.net", "AZURE_STORAGE_SAS_TOKEN": "sv=1&sig=abc"},
+         "AZURE_STORAGE_ACCOUNT_URL: the credentials and the data would travel unencrypted to acct.blob.core.windows.net"),
+        ({"AZURE_STORAGE_CONNECTION_STRING": "AccountName=acct;AccountKey=a2V5;BlobEndpoint=http://10.1.2.3/acct"},
+         "AZURE_STORAGE_CONNECTION_STRING: the credentials and the data would travel unencrypted to 10.1.2.3"),
+        ({"AZURE_STORAGE_CONNECTION_STRING": "DefaultEndpointsProtocol=http;AccountName=acct;AccountKey=a2V5"},
+         "would travel unencrypted to acct.blob.core.windows.net"),
+        ({"AZURE_STORAGE_CONNECTION_STRING": "AccountName=a;AccountKey=a2V5", "AZURE_BLOB_PREFIX": "lake/../other"},
+         "blob prefix 'lake/../other': use names separated by single slashes"),
+        ({"AZURE_STORAGE_CONNECTION_STRING": "AccountName=a;AccountKey=a2V5", "AZURE_BLOB_PREFIX": "lake//events"},
+         "blob prefix 'lake//events'"),
+        ({"AZURE_STORAGE_CONNECTION_STRING": "AccountName=a;AccountKey=a2V5", "AZURE_BLOB_PREFIX": "lake\\events"},
+         "blob prefix 'lake\\\\events'"),
     ],
 )
 def test_bad_storage_settings_are_usage_errors(cli, standin, env, message):
@@ -281,3 +294,54 @@ def test_the_field_rules_policy_goes_into_the_blobs_metadata(cli, azurite, conta
     }
     assert blob.download_blob().readall() == (cli.data / export["file"]).read_bytes()
     assert_nothing_secret(result, cli, azurite["key"], key)
+
+
+NOW = dt.datetime(2025, 11, 7, 3, 30, tzinfo=dt.UTC)
+
+
+def test_an_upload_never_replaces_a_blob_that_holds_other_bytes(cli, azurite, container_name, service, tmp_path):
+    """Two data folders, one container and prefix, the same day in the same minute: the same blob name."""
+    env = upload_env(azurite, container_name)
+    first = cli.run(*DAY, "--upload", now=NOW, **env)
+    assert first.returncode == 0, first.stderr
+    (upload,) = [r for r in cli.manifest() if "blob" in r]
+    blob = service.get_container_client(container_name).get_blob_client(upload["blob"])
+    before = blob.download_blob().readall()
+    second = cli.run(*DAY, "--upload", "--drop-fields", "city", "--data-dir", str(tmp_path / "other"), now=NOW, **env)
+    assert second.returncode == 1
+    assert f"blob {upload['blob']} in container {container_name} already holds other bytes" in second.stderr
+    assert blob.download_blob().readall() == before
+    other = [json.loads(line) for line in (tmp_path / "other" / "manifest.jsonl").read_text().splitlines()]
+    assert [r for r in other if "blob" in r] == []  # still pending: not recorded as uploaded
+
+
+def test_a_file_changed_after_export_is_not_uploaded_and_its_hours_are_exported_again(cli, azurite, container_name,
+                                                                                       service, standin):
+    assert cli.run(*DAY).returncode == 0
+    (record,) = cli.manifest()
+    path = cli.data / record["file"]
+    content = bytearray(path.read_bytes())
+    content[10:16] = b"XXXXXX"  # same size, other bytes
+    path.write_bytes(bytes(content))
+    standin.requests.clear()
+    result = cli.run(*DAY, "--upload", **upload_env(azurite, container_name))
+    assert result.returncode == 0, result.stderr
+    assert f"{record['file']}: its bytes no longer match the sha256 recorded when it was exported; not uploaded" \
+        in result.stderr
+    assert len(standin.requests) == 1  # exported again
+    blobs = list(service.get_container_client(container_name).list_blobs(include=["metadata"]))
+    (new_record,) = [r for r in cli.manifest() if "bytes" in r and r["file"] != record["file"]]
+    assert [b.name.rsplit("/", 1)[1] for b in blobs] == [new_record["file"]]
+    assert blobs[0].metadata["sha256"] == new_record["sha256"] == hashlib.sha256(
+        (cli.data / new_record["file"]).read_bytes()).hexdigest()
+
+
+def test_a_policy_too_long_for_blob_metadata_goes_in_compact_form(cli, azurite, container_name, service):
+    dropped = ",".join(f"event_properties.field_{n:03d}" for n in range(400))
+    result = cli.run(*DAY, "--upload", "--drop-fields", dropped, **upload_env(azurite, container_name))
+    assert result.returncode == 0, result.stderr
+    export, upload = cli.manifest()
+    metadata = service.get_container_client(container_name).get_blob_client(upload["blob"]).get_blob_properties().metadata
+    assert "policy" not in metadata and metadata["policy_fields"] == "400 dropped, 0 hashed"
+    canonical = json.dumps(export["policy"], separators=(",", ":")).encode()
+    assert metadata["policy_sha256"] == hashlib.sha256(canonical).hexdigest()

@@ -5,6 +5,7 @@ import datetime as dt
 import gzip
 import json
 import re
+import socket
 
 import pytest
 
@@ -157,3 +158,20 @@ def test_a_range_of_more_windows_than_a_run_plans_is_one_line(cli, standin):
     assert result.returncode == 2
     assert result.stderr.strip().startswith("Error: 219192 hours in windows of 1 would be more than 100000 windows")
     assert standin.requests == []
+
+
+# 2. Plain http is for a stand-in on this machine, never through a proxy
+
+
+def test_plain_http_to_this_machine_never_goes_through_a_proxy(cli, standin):
+    with socket.socket() as proxy:
+        proxy.bind(("127.0.0.1", 0))
+        proxy.listen()
+        proxy.setblocking(False)
+        address = f"http://127.0.0.1:{proxy.getsockname()[1]}"
+        result = cli.run(*DAY, "--max-attempts", "1", "--read-timeout", "2", HTTP_PROXY=address, http_proxy=address,
+                         ALL_PROXY=address, all_proxy=address)
+        assert result.returncode == 0, result.stderr
+        with pytest.raises(BlockingIOError):
+            proxy.accept()  # nobody knocked: the Basic credentials went to the stand-in only
+    assert len(standin.requests) == 1

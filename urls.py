@@ -1,0 +1,25 @@
+"""Where secrets may travel: https anywhere, plain http to this machine only (a stand-in, Azurite)."""
+
+from __future__ import annotations
+
+import ipaddress
+import urllib.parse
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost, with or without a port: the only hosts plain http may carry secrets to."""
+    try:
+        name = urllib.parse.urlsplit(f"//{host}").hostname or ""
+        return name == "localhost" or ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def plain_http_elsewhere(url: str) -> str | None:
+    """The host a plain-http URL points at when that host is not this machine; None for https or loopback."""
+    parts = urllib.parse.urlsplit(url.strip())
+    if parts.scheme.lower() == "https":
+        return None
+    if parts.scheme.lower() == "http" and is_loopback(parts.netloc.rsplit("@", 1)[-1]):
+        return None
+    return parts.netloc or url.strip()
