@@ -15,6 +15,7 @@ import itertools
 import json
 import logging
 import re
+import struct
 import zipfile
 from pathlib import Path
 
@@ -79,6 +80,7 @@ def unzip(zip_path: Path, span: Window, max_event_bytes: int):
     """
     try:
         with zipfile.ZipFile(zip_path) as archive:
+            ensure_apart(archive)
             members, skipped = sort_members(archive.infolist())
             for name in skipped:
                 log.warning("%s: skipping archive member %s, not a data file (.json or .json.gz)", span, name)
@@ -87,7 +89,7 @@ def unzip(zip_path: Path, span: Window, max_event_bytes: int):
             for member in members:
                 with archive.open(member) as raw, open_member(raw) as events:
                     yield from read_lines(events, member.filename, max_event_bytes)
-    except BadEvent:
+    except (BadEvent, CorruptArchive):
         raise
     except Exception as exc:
         raise CorruptArchive(f"{type(exc).__name__}: {first_text_line(exc)}") from None
@@ -294,7 +296,24 @@ def reject_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
-# Members: which are data, and their order.
+# Members: apart from each other, which are data, and their order.
+
+
+LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, the fixed fields, then the name's and the extra field's lengths
+
+
+def ensure_apart(archive: zipfile.ZipFile) -> None:
+    """Entries whose bytes overlap (many names for one member: the same events many times over) are a damaged
+    archive, never events to write twice."""
+    end = 0
+    for info in sorted(archive.infolist(), key=lambda entry: entry.header_offset):
+        if info.header_offset < end:
+            raise CorruptArchive(f"archive members overlap ({info.filename!r} starts inside the one before it)")
+        archive.fp.seek(info.header_offset)
+        signature, name_length, extra_length = LOCAL_HEADER.unpack(archive.fp.read(LOCAL_HEADER.size))
+        if signature != b"PK\x03\x04":
+            raise CorruptArchive(f"no member where the directory says {info.filename!r} starts")
+        end = info.header_offset + LOCAL_HEADER.size + name_length + extra_length + info.compress_size
 
 
 def sort_members(members: list[zipfile.ZipInfo]) -> tuple[list[zipfile.ZipInfo], list[str]]:

@@ -3,9 +3,12 @@ socket, with data an attacker or a broken client could send."""
 
 import datetime as dt
 import gzip
+import io
 import json
 import re
 import socket
+import struct
+import zipfile
 
 import pytest
 
@@ -175,3 +178,28 @@ def test_plain_http_to_this_machine_never_goes_through_a_proxy(cli, standin):
         with pytest.raises(BlockingIOError):
             proxy.accept()  # nobody knocked: the Basic credentials went to the stand-in only
     assert len(standin.requests) == 1
+
+
+# 12. Zip entries that share their bytes
+
+
+def one_member_named_many_times(copies: int) -> bytes:
+    """A zip whose central directory lists the same member `copies` times: one member's bytes, many entries."""
+    single = io.BytesIO()
+    with zipfile.ZipFile(single, "w") as archive:
+        archive.writestr(member_name(hour("20251101T03"), 0), gzip.compress(b'{"event_type":"a"}\n'))
+    raw = single.getvalue()
+    end = raw.rfind(b"PK\x05\x06")
+    size, offset = struct.unpack("<II", raw[end + 12 : end + 20])
+    directory = raw[offset : offset + size]
+    return raw[:offset] + directory * copies + raw[end : end + 8] + struct.pack(
+        "<HHII", copies, copies, size * copies, offset) + raw[end + 20 :]
+
+
+def test_entries_that_overlap_are_a_damaged_archive_never_events_written_twice(cli, standin):
+    standin.add_fault("body", body=one_member_named_many_times(50), times=2)
+    result = cli.run(*DAY, "--max-attempts", "2")
+    assert result.returncode == 1
+    assert "the archive is damaged (archive members overlap" in result.stderr
+    assert cli.outputs() == [] and cli.manifest() == []
+    assert result.stderr.count("Max fetch attempts reached") == 1
