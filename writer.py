@@ -17,6 +17,8 @@ from store import create_temp_file
 from windows import Window, format_hour, hours_between
 
 GZIP_LEVEL = isal_zlib.ISAL_DEFAULT_COMPRESSION
+MAX_TYPES = 10_000  # event types counted by name per window; the rest together under OTHER_TYPES
+OTHER_TYPES = "(other types)"
 
 
 class EventWriter:
@@ -101,9 +103,11 @@ class Sink:
     """
 
     QUEUED = 4
+    GATHER_BYTES = 256 << 10  # small writes (an archive of tiny members) are gathered to this before handing over
 
     def __init__(self, file):
         self._file = file
+        self._gathered = bytearray()
         self._hash = hashlib.sha256()
         self._queue: queue.Queue = queue.Queue(self.QUEUED)
         self._failure: OSError | None = None
@@ -112,6 +116,14 @@ class Sink:
 
     def put(self, data: bytes) -> None:
         self._raise_failure()
+        if len(data) < self.GATHER_BYTES:
+            self._gathered += data
+            if len(self._gathered) < self.GATHER_BYTES:
+                return
+            data, self._gathered = bytes(self._gathered), bytearray()
+        elif self._gathered:
+            self._queue.put(bytes(self._gathered))
+            self._gathered = bytearray()
         self._queue.put(data)
 
     def hash_copy(self):
@@ -149,6 +161,9 @@ class Sink:
         self._queue.task_done()
 
     def _settle(self) -> None:
+        if self._gathered:
+            self._queue.put(bytes(self._gathered))
+            self._gathered = bytearray()
         self._queue.join()
         self._raise_failure()
 
@@ -176,6 +191,17 @@ class Tally:
         else:
             self.hours[hour] += len(types)
         self.types.update(types)
+        if len(self.types) > MAX_TYPES:
+            self._fold_rare_types()
+
+    def _fold_rare_types(self) -> None:
+        """Past MAX_TYPES names a window keeps the most frequent and counts the rest under one key: a client that
+        sends a new event type with every event (an ID in the name) must not grow memory and the manifest without
+        bound. A type folded once and seen again counts under its name from then on, until folded again."""
+        other = self.types.pop(OTHER_TYPES, 0)
+        kept = collections.Counter(dict(self.types.most_common(MAX_TYPES - 1)))
+        kept[OTHER_TYPES] = other + sum(self.types.values()) - sum(kept.values())
+        self.types = kept
 
     def copy(self) -> Tally:
         return Tally(self.hours, self.types, self.unplaced)

@@ -80,3 +80,55 @@ def test_a_day_of_tiny_events_stays_under_the_rss_budget(tmp_path):
     record = json.loads((tmp_path / "data" / "manifest.jsonl").read_text())
     assert record["events"] == 24 * per_member
     assert peak_mb < RSS_BUDGET_MB, f"peak RSS {peak_mb} MB"
+
+
+@pytest.fixture(scope="module")
+def normal_run_mb(tmp_path_factory) -> float:
+    """Peak RSS of an ordinary day (realistic events, 40 MB of them), the yardstick of the cases below."""
+    tmp_path = tmp_path_factory.mktemp("normal")
+    archive = tmp_path / "normal.zip"
+    build_archive_file(archive, 40, level=1)
+    with StandIn("k", "s", archive_path=archive) as standin:
+        env = dict(os.environ, AMP_API_KEY="k", AMP_SECRET_KEY="s", AMP_BASE_URL=standin.base_url)
+        command = [sys.executable, str(ROOT / "fetch_data.py"), "--date", "2025-11-01",
+                   "--data-dir", str(tmp_path / "data"), "--log-dir", str(tmp_path / "logs")]
+        return run_measured(command, env)[1]
+
+
+def test_blank_lines_cost_what_other_bytes_cost(tmp_path, normal_run_mb):
+    blank = gzipped_stream(itertools.repeat(b"\n" * 1_000_000, 20))
+    spaces = gzipped_stream(itertools.repeat(b" \r\n" * 100_000, 20))
+    members = [(member_name(hour("20251101T05"), 0), blank), (member_name(hour("20251101T06"), 0), spaces)]
+    archive = tmp_path / "blank.zip"
+    with zipfile.ZipFile(archive, "w") as out:
+        for name, data in members:
+            out.writestr(name, data)
+    with StandIn("k", "s", archive_path=archive) as standin:
+        env = dict(os.environ, AMP_API_KEY="k", AMP_SECRET_KEY="s", AMP_BASE_URL=standin.base_url)
+        command = [sys.executable, str(ROOT / "fetch_data.py"), "--date", "2025-11-01",
+                   "--data-dir", str(tmp_path / "data"), "--log-dir", str(tmp_path / "logs")]
+        seconds, peak_mb = run_measured(command, env)
+    assert json.loads((tmp_path / "data" / "manifest.jsonl").read_text())["events"] == 0
+    # 26 million blank lines took a minute when each cost an exception; at C speed they take about a second.
+    assert seconds < 8, f"{seconds} s"
+    assert peak_mb < normal_run_mb + RSS_BUDGET_MB
+
+
+def test_a_hundred_thousand_tiny_members_stay_within_the_budget(tmp_path, normal_run_mb):
+    tiny = gzipped_stream([b'{"event_type":"a"}\n'])
+    members = [(f"187520/187520_2025-11-01_{n % 24}#{n}.json.gz", tiny) for n in range(100_000)]
+    peak_mb = measured_export(tmp_path, members)
+    assert json.loads((tmp_path / "data" / "manifest.jsonl").read_text())["events"] == 100_000
+    assert peak_mb < normal_run_mb + RSS_BUDGET_MB, f"peak RSS {peak_mb} MB, a normal run {normal_run_mb} MB"
+
+
+def test_a_million_event_types_are_counted_ten_thousand_by_name(tmp_path, normal_run_mb):
+    lines = (b'{"event_type":"type-%07d"}\n' % n for n in range(1_000_000))
+    members = [(member_name(hour("20251101T07"), 0), gzipped_stream(lines))]
+    peak_mb = measured_export(tmp_path, members)
+    manifest = (tmp_path / "data" / "manifest.jsonl").read_bytes()
+    record = json.loads(manifest)
+    assert len(record["event_types"]) == 10_000 and sum(record["event_types"].values()) == 1_000_000
+    assert record["event_types"]["(other types)"] > 900_000
+    assert len(manifest) < 400_000
+    assert peak_mb < normal_run_mb + RSS_BUDGET_MB, f"peak RSS {peak_mb} MB, a normal run {normal_run_mb} MB"

@@ -2,6 +2,7 @@
 
 import datetime as dt
 import logging
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -113,22 +114,27 @@ def test_plan_missing_keeps_only_uncovered_hours():
 def test_members_sort_by_hour_then_part_not_by_string():
     names = [
         "187/187_2025-11-01_10#0.json.gz",
+        "zz-unnamed.json",
         "187/187_2025-11-01_2#1.json.gz",
         "187/187_2025-11-01_2#0.json.gz",
         "187/187_2025-10-31_23#0.json.gz",
         "187/187_2025-11-01_2#10.json.gz",
         "187/187_2025-11-01_9#0.json.gz",
+        "a-unnamed.json",
         "readme.txt",
     ]
-    assert sorted(names, key=archive.member_order_key) == [
+    members, skipped = archive.sort_members([zipfile.ZipInfo(name) for name in names])
+    assert [member.filename for member in members] == [
         "187/187_2025-10-31_23#0.json.gz",
         "187/187_2025-11-01_2#0.json.gz",
         "187/187_2025-11-01_2#1.json.gz",
         "187/187_2025-11-01_2#10.json.gz",
         "187/187_2025-11-01_9#0.json.gz",
         "187/187_2025-11-01_10#0.json.gz",
-        "readme.txt",
+        "a-unnamed.json",
+        "zz-unnamed.json",
     ]
+    assert skipped == ["readme.txt"]
 
 
 def settings_for(argv, env=None, now="2025-11-07 00:43"):
