@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from store import MANIFEST_NAME, Export, Upload, append_manifest, is_intact
+from store import MANIFEST_NAME, Export, Upload, append_manifest, is_intact, records_of, scan_manifest, uploaded_keys
 from urls import plain_http_elsewhere
 from windows import iso_utc, now_utc
 
@@ -284,12 +284,15 @@ class Uploads:
         self.failure: str | None = None
         self.changed: set[str] = set()  # files not uploaded because their bytes changed: export their hours again
 
-    def send_pending(self, records: list) -> None:
-        pending = pending_uploads(records, self.data_dir)
-        if pending:
-            log.info("Uploading %d file(s) exported earlier and not yet uploaded", len(pending))
-        for record in pending:
+    def send_pending(self) -> None:
+        sent = 0
+        for record in pending_uploads(self.data_dir):
+            if not sent:
+                log.info("Uploading files exported earlier and not yet uploaded")
             self.send(record)
+            sent += 1
+        if sent:
+            log.info("%d file(s) exported earlier went through the upload stage", sent)
 
     def send(self, record: Export) -> None:
         if self.failure:
@@ -316,20 +319,17 @@ class Uploads:
         log.info("%s %s to %s/%s", verb, record.file, self.target.container, blob)
 
 
-def pending_uploads(records: list, data_dir: Path) -> list[Export]:
-    """Exported files still on disk with their recorded size whose bytes no manifest line records as uploaded."""
-    uploaded = {(r.file, r.sha256) for r in records if isinstance(r, Upload)}
-    pending, seen = [], set()
-    for record in records:
-        if not isinstance(record, Export):
-            continue
-        key = (record.file, record.sha256)
-        if key in uploaded or key in seen:
-            continue
-        if is_intact(record, data_dir):
-            pending.append(record)
-            seen.add(key)
-    return pending
+def pending_uploads(data_dir: Path):
+    """Exported files still on disk with their recorded size whose bytes no manifest line records as uploaded,
+    streamed from the manifest: a manifest of a million lines never sits in memory."""
+    manifest = data_dir / MANIFEST_NAME
+    uploaded, seen = uploaded_keys(manifest), set()
+    candidates = ((head, line, number) for head, line, number in scan_manifest(manifest, warn=False)
+                  if not head.is_upload and head.key not in uploaded and head.key not in seen)
+    for head, record in records_of(candidates):
+        if isinstance(record, Export) and head.key not in seen and is_intact(record, data_dir):
+            seen.add(head.key)
+            yield record
 
 
 POLICY_METADATA_CHARS = 2048  # Azure allows 8 KB of metadata in all; the rest is for the window, count and sha256

@@ -163,11 +163,12 @@ def run_export(settings: Settings) -> int:
     with store.hold_lock(data_dir):
         store.remove_temp_files(data_dir)
         stop_cleanly_on_signals(data_dir)
-        records = store.read_manifest(data_dir / MANIFEST_NAME)
-        records += store.finish_interrupted_save(data_dir, records)
-        uploads = start_uploads(settings, records)
+        store.finish_interrupted_save(data_dir)
+        uploads = start_uploads(settings)
         changed = uploads.changed if uploads else set()
-        todo = plan_todo(settings, [r for r in records if not (isinstance(r, Export) and r.file in changed)])
+        first, last = settings.windows[0].start, settings.windows[-1].end
+        in_range = store.exports_between(data_dir / MANIFEST_NAME, first, last)
+        todo = plan_todo(settings, [record for record in in_range if record.file not in changed])
         warn_if_fresh(todo, settings.started)
         several = todo != [settings.seed_named_window]
 
@@ -210,13 +211,13 @@ def warn_if_fresh(windows: list[Window], now) -> None:
         )
 
 
-def start_uploads(settings: Settings, records: list):
+def start_uploads(settings: Settings):
     if not settings.upload:
         return None
     from azure_upload import Uploads
 
     uploads = Uploads(settings.upload, settings.data_dir)
-    uploads.send_pending(records)
+    uploads.send_pending()
     return uploads
 
 

@@ -17,6 +17,7 @@ import hashlib
 import itertools
 import logging
 import os
+import re
 import stat
 import threading
 import uuid
@@ -85,6 +86,36 @@ class Upload(msgspec.Struct):
         return Window(hour_of(self.start), hour_of(self.end))
 
 
+class Head(msgspec.Struct):
+    """What every manifest line is judged by, decoded without its counts: a manifest of a million lines is scanned
+    in seconds, and only the lines a run needs are decoded whole."""
+
+    start: HourText
+    end: HourText
+    file: str
+    sha256: Sha256
+    size: Count | None = msgspec.field(default=None, name="bytes")
+    blob: str | None = None
+
+    def __post_init__(self):
+        check_window(self.start, self.end)
+        check_plain_name(self.file)
+
+    @property
+    def window(self) -> Window:
+        return Window(hour_of(self.start), hour_of(self.end))
+
+    @property
+    def is_upload(self) -> bool:
+        return self.blob is not None
+
+    @property
+    def key(self) -> bytes:
+        """A file and its sha256 as 16 bytes: a set of a million of them stays small."""
+        return hashlib.blake2b(f"{self.file}\0{self.sha256}".encode(), digest_size=16).digest()
+
+
+DECODE_HEAD = msgspec.json.Decoder(Head).decode
 DECODE_EXPORT = msgspec.json.Decoder(Export).decode
 DECODE_UPLOAD = msgspec.json.Decoder(Upload).decode
 ENCODE = msgspec.json.Encoder().encode
@@ -106,17 +137,30 @@ def parse_line(line: bytes) -> Export | Upload:
 
 
 def check_window(start: str, end: str) -> None:
-    if hour_of(end) < hour_of(start):
+    """A window of real hours, years 2000 to 2100, end not before start; checked on text (YYYYMMDDTHH sorts as
+    time does), so that a manifest of a million lines is read in seconds."""
+    check_hour(start)
+    check_hour(end)
+    if end < start:
         raise ValueError(f"end {end} is before start {start}")
 
 
+VALID_DAYS = frozenset(
+    f"{dt.date(FIRST_YEAR, 1, 1) + dt.timedelta(days=n):%Y%m%d}"
+    for n in range((dt.date(LAST_YEAR, 12, 31) - dt.date(FIRST_YEAR, 1, 1)).days + 1)
+)
+
+
+def check_hour(text: str) -> None:
+    if text[:8] not in VALID_DAYS or text[9:11] > "23":
+        if not FIRST_YEAR <= int(text[:4]) <= LAST_YEAR:
+            raise ValueError(f"{text}: the year is outside {FIRST_YEAR} to {LAST_YEAR}")
+        raise ValueError(f"{text}: no such hour")
+
+
 def hour_of(text: str) -> dt.datetime:
-    """YYYYMMDDTHH as a UTC hour, years 2000 to 2100; a ValueError otherwise (a manifest's window, never planned
-    from a hand-edited year 9999)."""
-    year = int(text[0:4])
-    if not FIRST_YEAR <= year <= LAST_YEAR:
-        raise ValueError(f"{text}: the year is outside {FIRST_YEAR} to {LAST_YEAR}")
-    return dt.datetime(year, int(text[4:6]), int(text[6:8]), int(text[9:11]), tzinfo=dt.UTC)
+    """YYYYMMDDTHH, already checked by check_hour, as a UTC hour."""
+    return dt.datetime(int(text[0:4]), int(text[4:6]), int(text[6:8]), int(text[9:11]), tzinfo=dt.UTC)
 
 
 def check_plain_name(name: str) -> None:
@@ -133,15 +177,35 @@ def is_plain_name(name) -> bool:
 
 
 def read_manifest(manifest: Path, repair: bool = True) -> list[Export | Upload]:
-    """The manifest's records; a line torn by a crash mid-append is cut off so the next append starts clean.
+    """Every record of the manifest, decoded whole (for a manifest of ordinary length; a run scans instead)."""
+    return [record for _, record in records_of(scan_manifest(manifest, repair), manifest)]
+
+
+def scan_manifest(manifest: Path, repair: bool = True, warn: bool = True,
+                  between: tuple[str, str] | None = None) -> Iterator[tuple[Head, bytes, int]]:
+    """(head, line, line number) of each line, streamed; a line torn by a crash mid-append is cut off so the next
+    append starts clean. With `between` (first and last hour as text), lines written by this program whose window
+    lies outside are passed over before they are decoded.
 
     Only a run holding the lock may `repair`: for a reader without it (the report), the last line may be one an
     export is appending right now. A line that is not a record is named, by file and line number, and skipped.
     """
-    return list(iterate_manifest(manifest, repair))
+    for number, line in manifest_lines(manifest, repair):
+        if between and (found := OWN_WINDOW.match(line)) and (
+                found.group(1).decode() > between[1] or found.group(2).decode() < between[0]):
+            continue
+        try:
+            yield DECODE_HEAD(line), line, number
+        except (msgspec.DecodeError, ValueError) as exc:
+            if warn:
+                warn_of_line(manifest, number, exc)
 
 
-def iterate_manifest(manifest: Path, repair: bool = True) -> Iterator[Export | Upload]:
+# How this program begins every line it writes: the window, read without decoding the line.
+OWN_WINDOW = re.compile(rb'\{"start":"(\d{8}T\d{2})","end":"(\d{8}T\d{2})"')
+
+
+def manifest_lines(manifest: Path, repair: bool) -> Iterator[tuple[int, bytes]]:
     try:
         source = open_own_file(manifest, os.O_RDONLY, "rb")
     except FileNotFoundError:
@@ -156,10 +220,34 @@ def iterate_manifest(manifest: Path, repair: bool = True) -> Iterator[Export | U
             if remaining <= 0:
                 break
             remaining -= len(line)
-            try:
-                yield parse_line(line)
-            except ValueError as exc:
-                log.warning("%s line %d is not a manifest record (%s); ignored", manifest, number, one_line(exc))
+            yield number, line
+
+
+def records_of(scanned: Iterator[tuple[Head, bytes, int]], manifest: Path | None = None):
+    """(head, whole record) for the scanned lines that decode whole; the others are named and skipped."""
+    for head, line, number in scanned:
+        try:
+            yield head, parse_line(line)
+        except ValueError as exc:
+            if manifest is not None:
+                warn_of_line(manifest, number, exc)
+
+
+def warn_of_line(manifest: Path, number: int, exc: Exception) -> None:
+    log.warning("%s line %d is not a manifest record (%s); ignored", manifest, number, one_line(exc))
+
+
+def exports_between(manifest: Path, first: dt.datetime, last: dt.datetime, repair: bool = True) -> list[Export]:
+    """The export records whose window meets first..last, from one streaming pass."""
+    first_text, last_text = format_hour(first), format_hour(last)
+    wanted = (item for item in scan_manifest(manifest, repair, between=(first_text, last_text))
+              if item[0].start <= last_text and item[0].end >= first_text and not item[0].is_upload)
+    return [record for _, record in records_of(wanted, manifest) if isinstance(record, Export)]
+
+
+def uploaded_keys(manifest: Path) -> set[bytes]:
+    """The key of every (file, sha256) an upload line records."""
+    return {head.key for head, _, _ in scan_manifest(manifest, repair=False, warn=False) if head.is_upload}
 
 
 def complete_length(source) -> int:
@@ -332,8 +420,8 @@ def put_in_place(temp_path: Path, target: Path) -> bool:
     return True
 
 
-def finish_interrupted_save(data_dir: Path, records: list) -> list[Export]:
-    """Record the file a killed run put in place without recording it; returns the records appended."""
+def finish_interrupted_save(data_dir: Path) -> None:
+    """Record the file a killed run put in place without recording it."""
     journal = data_dir / JOURNAL_NAME
     content = read_own_file(journal)
     if content is None:
@@ -342,18 +430,17 @@ def finish_interrupted_save(data_dir: Path, records: list) -> list[Export]:
         record = parse_line(content)
     except ValueError:
         record = None
-    appended = []
+    manifest = data_dir / MANIFEST_NAME
     if not isinstance(record, Export):
         # Torn while written (its rename never happened), or not written by this program at all.
         log.warning("%s does not describe a file in the data folder; ignored", journal)
     elif is_intact(record, data_dir) and not any(
-        r.file == record.file and r.sha256 == record.sha256 for r in records if isinstance(r, Export)
+        not head.is_upload and head.file == record.file and head.sha256 == record.sha256
+        for head, _, _ in scan_manifest(manifest, warn=False)
     ):
         log.warning("Recording %s, put in place by a run that stopped before recording it", record.file)
-        append_manifest(data_dir / MANIFEST_NAME, record)
-        appended.append(record)
+        append_manifest(manifest, record)
     journal.unlink()
-    return appended
 
 
 class Stopping(Exception):

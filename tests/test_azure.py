@@ -137,7 +137,7 @@ def test_storage_down_keeps_the_export_and_the_next_run_sends_it(cli, azurite, c
     result = cli.run(*DAY, "--upload", **upload_env(azurite, container_name))
     assert result.returncode == 0, result.stderr
     assert standin.requests == []
-    assert "Uploading 1 file(s) exported earlier" in result.stderr
+    assert "1 file(s) exported earlier went through the upload stage" in result.stderr
     blob_name = [r for r in cli.manifest() if "blob" in r][0]["blob"]
     blob = service.get_container_client(container_name).get_blob_client(blob_name)
     assert blob.download_blob().readall() == (cli.data / export["file"]).read_bytes()

@@ -132,3 +132,29 @@ def test_a_million_event_types_are_counted_ten_thousand_by_name(tmp_path, normal
     assert record["event_types"]["(other types)"] > 900_000
     assert len(manifest) < 400_000
     assert peak_mb < normal_run_mb + RSS_BUDGET_MB, f"peak RSS {peak_mb} MB, a normal run {normal_run_mb} MB"
+
+
+def write_long_manifest(path, lines: int) -> None:
+    """`lines` export lines, two for each hour from 2000 on (a refetch of everything), none with its file."""
+    first = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+    sha = "ab" * 32
+    with open(path, "w") as out:
+        for n in range(lines):
+            start = f"{first + dt.timedelta(hours=n // 2):%Y%m%dT%H}"
+            out.write(f'{{"start":"{start}","end":"{start}","file":"f{n}.json","events":3,"bytes":99,"sha256":"{sha}",'
+                      f'"finished_at":"2025-11-08T03:30:00Z","hours":{{"{start}":3}},'
+                      f'"event_types":{{"page_view":2,"purchase":1}}}}\n')
+
+
+def test_a_nightly_run_over_a_million_line_manifest_takes_seconds_and_little_memory(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_long_manifest(data / "manifest.jsonl", 1_000_000)
+    with StandIn("k", "s") as standin:
+        env = dict(os.environ, AMP_API_KEY="k", AMP_SECRET_KEY="s", AMP_BASE_URL=standin.base_url)
+        command = [sys.executable, str(ROOT / "fetch_data.py"), "--date", "2025-11-01",
+                   "--data-dir", str(data), "--log-dir", str(tmp_path / "logs")]
+        seconds, peak_mb = run_measured(command, env)
+    assert seconds < 10, f"{seconds} s"
+    assert peak_mb < 256, f"peak RSS {peak_mb} MB"
+    assert (data / "manifest.jsonl").read_bytes().count(b"\n") == 1_000_001
