@@ -343,17 +343,16 @@ def run_report(settings: Settings) -> int:
     import report
 
     data_dir = settings.data_dir
-    manifest = data_dir / MANIFEST_NAME
-    records = store.read_manifest(manifest, repair=False)  # an export may be appending right now
+    manifest = data_dir / MANIFEST_NAME  # read, never repaired: an export may be appending right now
     if settings.explicit_range:
         start, end = settings.windows[0].start, settings.windows[-1].end
-    elif found := report.manifest_range(records):
+    elif found := report.manifest_range(manifest):
         start, end = found
     else:
         raise UsageError(f"{manifest} records no export: give a range with --date or --start/--end")
     target = settings.report_file or data_dir / "report.html"
-    refuse_own_file(target, data_dir, records)
-    built = report.build_report(records, data_dir, start, end, settings.verify)
+    refuse_own_file(target, data_dir, manifest)
+    built = report.build_report(manifest, data_dir, start, end, settings.verify)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         store.write_atomically(target, report.render_html(built).encode("utf-8", "backslashreplace"))
@@ -367,10 +366,13 @@ def printable_table(table: str) -> str:
     return "\n".join(printable(line) for line in table.split("\n"))
 
 
-def refuse_own_file(target: Path, data_dir: Path, records: list) -> None:
+def refuse_own_file(target: Path, data_dir: Path, manifest: Path) -> None:
     """The report never replaces the manifest, the exporter's own files or an export file."""
-    own = {MANIFEST_NAME, ".lock", ".ampl-commit.json"} | {record.file for record in records}
-    if target.resolve().parent == data_dir.resolve() and (target.name in own or target.name.startswith(".ampl-")):
+    if target.resolve().parent != data_dir.resolve():
+        return
+    own = {MANIFEST_NAME, store.LOCK_NAME, store.JOURNAL_NAME}
+    if target.name in own or target.name.startswith(store.TEMP_PREFIX) or any(
+            head.file == target.name for head, _, _ in store.scan_manifest(manifest, repair=False, warn=False)):
         raise UsageError(f"--report-file {target}: that is one of the exporter's own files; choose another name")
 
 

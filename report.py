@@ -8,14 +8,15 @@ markup.
 
 from __future__ import annotations
 
+import array
 import collections
 import dataclasses
 import datetime as dt
 import statistics
 from pathlib import Path
 
-from store import Export, Upload, file_state
-from windows import HOUR, format_hour, hours_between
+from store import Export, file_state, hour_of, records_of, scan_manifest, uploaded_keys
+from windows import HOUR, format_hour
 
 HISTORY_DAYS = 7  # the same hour on up to this many days before is an hour's expectation
 MIN_HISTORY = 3  # days of history the collapse rule needs; with fewer, only empty hours are flagged
@@ -26,7 +27,12 @@ TYPE_COLUMNS = 12  # event types with a column of their own on the page; the res
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 
-@dataclasses.dataclass
+MISSING = {0: "never exported", 2: "file gone", 3: "file changed"}  # hour states but 1, exported
+FLAGS = {0: "", 1: "empty", 2: "collapsed"}
+MAX_FILE_ROWS = 2_000  # the files table lists the newest this many; the page says how many more there are
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Hour:
     moment: dt.datetime
     count: int | None = None  # None when missing, or exported by a window without per-hour counts
@@ -74,80 +80,126 @@ class FileRow:
 
 @dataclasses.dataclass
 class Report:
+    """Every hour of start..end in compact arrays (a century of hours is 876,600 of them), the days built from
+    them, and the newest files."""
+
     start: dt.datetime
     end: dt.datetime
-    hours: list[Hour]
+    counts: array.array  # events per hour; -1 for none known
+    states: bytearray  # 1 exported, else a key of MISSING
+    flags: bytearray  # a key of FLAGS
     days: list[Day]
     files: list[FileRow]
+    files_total: int
     verified: bool
 
     @property
+    def hours(self) -> list[Hour]:
+        return [hour_at(self, index) for index in range(len(self.counts))]
+
+    @property
     def missing(self) -> int:
-        return sum(not hour.exported for hour in self.hours)
+        return len(self.states) - self.states.count(1)
 
     @property
     def flagged(self) -> int:
-        return sum(bool(hour.flag) for hour in self.hours)
+        return len(self.flags) - self.flags.count(0)
 
     @property
     def events(self) -> int:
         return sum(day.events for day in self.days)
 
 
-def manifest_range(records) -> tuple[dt.datetime, dt.datetime] | None:
+def hour_at(report: Report, index: int) -> Hour:
+    state, count = report.states[index], report.counts[index]
+    return Hour(report.start + index * HOUR, None if state != 1 or count < 0 else count, MISSING.get(state, ""),
+                FLAGS[report.flags[index]])
+
+
+def manifest_range(manifest: Path) -> tuple[dt.datetime, dt.datetime] | None:
     """The first and last hour any export line covers; None when there is none."""
-    windows = [record.window for record in records if isinstance(record, Export)]
-    if not windows:
-        return None
-    return min(w.start for w in windows), max(w.end for w in windows)
+    first = last = None
+    for head, _, _ in scan_manifest(manifest, repair=False, warn=False):
+        if not head.is_upload:
+            first = head.start if first is None or head.start < first else first
+            last = head.end if last is None or head.end > last else last
+    return (hour_of(first), hour_of(last)) if first else None
 
 
-def build_report(records, data_dir: Path, start: dt.datetime, end: dt.datetime, verify: bool) -> Report:
-    exports = [r for r in records if isinstance(r, Export) and r.window.start <= end and r.window.end >= start]
-    uploaded = {(r.file, r.sha256) for r in records if isinstance(r, Upload)}
-    state = {r.file: file_state(r, data_dir, verify) for r in exports}
-    hours = {moment: Hour(moment, missing="never exported") for moment in hours_between(start, end)}
-    owner: dict[dt.datetime, Export] = {}  # the export each hour is counted from: the last intact one
-    for record in exports:
-        window = record.window
-        for moment in hours_between(max(window.start, start), min(window.end, end)):
-            if state[record.file] == "intact":
-                hours[moment] = Hour(moment, (record.hours or {}).get(format_hour(moment)))
-                owner[moment] = record
-            elif hours[moment].missing:
-                hours[moment].missing = f"file {state[record.file]}"
-    flag_hours(hours)
-    current = list({id(record): record for record in owner.values()}.values())
-    days = build_days(list(hours.values()), current)
-    files = [FileRow(f"{r.start}-{r.end}", r.file, r.events, r.size, r.sha256, (r.file, r.sha256) in uploaded,
-                     state[r.file]) for r in exports]
-    return Report(start, end, list(hours.values()), days, files, verify)
+def build_report(manifest: Path, data_dir: Path, start: dt.datetime, end: dt.datetime, verify: bool) -> Report:
+    """The report of start..end from two streaming passes over the manifest: the hours, then the event types of
+    the exports the hours are counted from (the last intact one of each hour)."""
+    size = int((end - start) / HOUR) + 1
+    counts, states, owner = array.array("q", [-1]) * size, bytearray(size), array.array("q", [-1]) * size
+    uploaded = uploaded_keys(manifest)
+    files: collections.deque = collections.deque(maxlen=MAX_FILE_ROWS)
+    current: dict[int, list] = {}  # position -> [record, hours it still counts]: only exports some hour counts from
+    total = 0
+    for position, (head, record) in enumerate(exports_in(manifest, start, end)):
+        state = file_state(record, data_dir, verify)
+        files.append(FileRow(f"{record.start}-{record.end}", record.file, record.events, record.size, record.sha256,
+                             head.key in uploaded, state))
+        total += 1
+        first, last = index_of(record.window.start, start, size), index_of(record.window.end, start, size)
+        if state == "intact":
+            current[position] = [record, last - first + 1]
+        for index in range(first, last + 1):
+            if state == "intact":
+                hour_count = (record.hours or {}).get(format_hour(start + index * HOUR))
+                forgo(current, owner[index])
+                counts[index], states[index], owner[index] = -1 if hour_count is None else hour_count, 1, position
+            elif states[index] != 1:
+                states[index] = 2 if state == "gone" else 3
+    report = Report(start, end, counts, states, flag_hours(counts, states), [], list(files), total, verify)
+    report.days = build_days(report, [record for record, _ in current.values()])
+    return report
 
 
-def flag_hours(hours: dict[dt.datetime, Hour]) -> None:
+def forgo(current: dict[int, list], position: int) -> None:
+    """An hour is now counted from a later export: the earlier one is forgotten once it counts no hour."""
+    if position >= 0:
+        current[position][1] -= 1
+        if not current[position][1]:
+            del current[position]
+
+
+def exports_in(manifest: Path, start: dt.datetime, end: dt.datetime, warn: bool = True):
+    """(head, export record) of each export line whose window meets start..end, in manifest order."""
+    between = (format_hour(start), format_hour(end))
+    wanted = (item for item in scan_manifest(manifest, repair=False, warn=warn, between=between)
+              if not item[0].is_upload and item[0].start <= between[1] and item[0].end >= between[0])
+    named = manifest if warn else None
+    return ((head, record) for head, record in records_of(wanted, named) if isinstance(record, Export))
+
+
+def index_of(moment: dt.datetime, start: dt.datetime, size: int) -> int:
+    return min(max(int((moment - start) / HOUR), 0), size - 1)
+
+
+def flag_hours(counts: array.array, states: bytearray) -> bytearray:
     """Empty and collapsed hours, each against the same hour of the day on the days before (see the page's rule)."""
-    for moment, hour in hours.items():
-        if hour.count is None:
+    flags = bytearray(len(counts))
+    for index, count in enumerate(counts):
+        if count < 0 or states[index] != 1:
             continue
-        history = [hours[earlier].count for earlier in same_hour_before(moment) if earlier in hours]
-        history = [count for count in history if count is not None]
+        history = [counts[index - 24 * days] for days in range(1, HISTORY_DAYS + 1)
+                   if index - 24 * days >= 0 and states[index - 24 * days] == 1 and counts[index - 24 * days] >= 0]
         expected = statistics.median(history) if len(history) >= MIN_HISTORY else None
-        if hour.count == 0 and (expected is None or expected > 0):
-            hour.flag = "empty"
-        elif expected is not None and expected >= MIN_EXPECTED and hour.count < COLLAPSE_SHARE * expected:
-            hour.flag = "collapsed"
+        if count == 0 and (expected is None or expected > 0):
+            flags[index] = 1
+        elif expected is not None and expected >= MIN_EXPECTED and count < COLLAPSE_SHARE * expected:
+            flags[index] = 2
+    return flags
 
 
-def same_hour_before(moment: dt.datetime):
-    return (moment - dt.timedelta(days=days) for days in range(1, HISTORY_DAYS + 1))
-
-
-def build_days(hours: list[Hour], current: list[Export]) -> list[Day]:
+def build_days(report: Report, current: list[Export]) -> list[Day]:
     by_day: dict[dt.date, Day] = {}
-    for hour in hours:
-        by_day.setdefault(hour.moment.date(), Day(hour.moment.date(), [])).hours.append(hour)
+    for index in range(len(report.counts)):
+        hour = hour_at(report, index)
+        day = by_day.setdefault(hour.moment.date(), Day(hour.moment.date(), []))
+        day.hours.append(hour)
         if hour.count is not None:
-            by_day[hour.moment.date()].events += hour.count
+            day.events += hour.count
     for record in current:
         day = by_day.get(record.window.start.date())
         if day is None:
@@ -179,7 +231,7 @@ def render_table(report: Report, target: Path) -> str:
     widths = [max(len(row[column]) for row in rows) for column in range(4)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths, strict=True)) + "  " + row[4]
              for row in rows]
-    hours = len(report.hours)
+    hours = len(report.counts)
     lines.append(
         f"{hours} hour(s) from {format_hour(report.start)} to {format_hour(report.end)}: "
         f"{hours - report.missing} exported and intact, {report.missing} missing, {report.flagged} flagged. "
@@ -205,18 +257,25 @@ def render_html(report: Report) -> str:
 
 def chart_data(report: Report) -> dict:
     """The hours for the page's script: a count each, and one letter each for their state and flag."""
+    pairs = list(zip(report.counts, report.states, strict=True))
     return {
         "start": format_hour(report.start),
-        "counts": [hour.count for hour in report.hours],
-        "states": "".join("m" if hour.missing else "w" if hour.count is None else "e" for hour in report.hours),
-        "flags": "".join({"": "-", "empty": "z", "collapsed": "c"}[hour.flag] for hour in report.hours),
+        "counts": [count if state == 1 and count >= 0 else None for count, state in pairs],
+        "states": "".join("e" if state == 1 and count >= 0 else "w" if state == 1 else "m" for count, state in pairs),
+        "flags": report.flags.translate(FLAG_LETTERS).decode("ascii"),
     }
+
+
+FLAG_LETTERS = bytes.maketrans(b"\x00\x01\x02", b"-zc")
 
 
 def problem_stretches(report: Report) -> list[dict]:
     """Missing and flagged hours as stretches, so a year's view still names every one."""
     stretches: list[list] = []
-    for hour in report.hours:
+    for index in range(len(report.counts)):
+        if report.states[index] == 1 and not report.flags[index]:
+            continue
+        hour = hour_at(report, index)
         kind = f"missing: {hour.missing}" if hour.missing else hour.flag
         if not kind:
             continue

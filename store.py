@@ -13,6 +13,7 @@ import dataclasses
 import datetime as dt
 import errno
 import fcntl
+import functools
 import hashlib
 import itertools
 import logging
@@ -158,6 +159,7 @@ def check_hour(text: str) -> None:
         raise ValueError(f"{text}: no such hour")
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def hour_of(text: str) -> dt.datetime:
     """YYYYMMDDTHH, already checked by check_hour, as a UTC hour."""
     return dt.datetime(int(text[0:4]), int(text[4:6]), int(text[6:8]), int(text[9:11]), tzinfo=dt.UTC)
@@ -246,8 +248,15 @@ def exports_between(manifest: Path, first: dt.datetime, last: dt.datetime, repai
 
 
 def uploaded_keys(manifest: Path) -> set[bytes]:
-    """The key of every (file, sha256) an upload line records."""
-    return {head.key for head, _, _ in scan_manifest(manifest, repair=False, warn=False) if head.is_upload}
+    """The key of every (file, sha256) an upload line records; lines without a blob are not even decoded."""
+    keys = set()
+    for _, line in manifest_lines(manifest, repair=False):
+        if b'"blob"' in line:
+            with contextlib.suppress(msgspec.DecodeError, ValueError):
+                head = DECODE_HEAD(line)
+                if head.is_upload:
+                    keys.add(head.key)
+    return keys
 
 
 def complete_length(source) -> int:
@@ -312,9 +321,14 @@ def exported_hours(records, data_dir: Path, policy: dict | None, verify: bool, f
 
 def file_state(record: Export, data_dir: Path, verify: bool) -> str:
     """'intact', 'gone' or 'changed': by size and type, and with `verify` by sha256 as well."""
-    if not is_intact(record, data_dir):
-        return "changed" if os.path.lexists(data_dir / record.file) else "gone"
-    if verify and file_sha256(data_dir / record.file) != record.sha256:
+    path = os.path.join(data_dir, record.file)
+    try:
+        found = os.lstat(path)
+    except OSError:
+        return "gone"
+    if not (stat.S_ISREG(found.st_mode) and found.st_size == record.size):
+        return "changed"
+    if verify and file_sha256(Path(path)) != record.sha256:
         return "changed"
     return "intact"
 
@@ -322,7 +336,7 @@ def file_state(record: Export, data_dir: Path, verify: bool) -> str:
 def is_intact(record: Export, data_dir: Path) -> bool:
     """A file still in the data folder, a regular file (no link) of the recorded size."""
     try:
-        found = os.lstat(data_dir / record.file)
+        found = os.lstat(os.path.join(data_dir, record.file))
     except OSError:
         return False
     return stat.S_ISREG(found.st_mode) and found.st_size == record.size

@@ -158,3 +158,16 @@ def test_a_nightly_run_over_a_million_line_manifest_takes_seconds_and_little_mem
     assert seconds < 10, f"{seconds} s"
     assert peak_mb < 256, f"peak RSS {peak_mb} MB"
     assert (data / "manifest.jsonl").read_bytes().count(b"\n") == 1_000_001
+
+
+def test_the_report_of_a_million_line_manifest_stays_within_512_mb_and_a_bounded_page(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_long_manifest(data / "manifest.jsonl", 1_000_000)
+    command = [sys.executable, str(ROOT / "fetch_data.py"), "--report", "--data-dir", str(data),
+               "--log-dir", str(tmp_path / "logs")]
+    _, peak_mb = run_measured(command, dict(os.environ), expected_status=1)  # 1: the files are not there
+    page = (data / "report.html").stat().st_size
+    assert peak_mb < 512, f"peak RSS {peak_mb} MB"
+    assert page < 32_000_000, f"a page of {page} bytes"
+    assert "The newest 2000 of 1000000 files are listed." in (data / "report.html").read_text()

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 import report
-from store import read_manifest
 from tests.conftest import hour
 from windows import HOUR, format_hour, hours_between
 
@@ -47,7 +46,7 @@ def day_counts(base=100, **changes) -> list[int]:
 
 
 def build(data_dir, start, end, verify=False):
-    return report.build_report(read_manifest(data_dir / "manifest.jsonl"), data_dir, hour(start), hour(end), verify)
+    return report.build_report(data_dir / "manifest.jsonl", data_dir, hour(start), hour(end), verify)
 
 
 def page_data(page: str) -> dict:
@@ -288,7 +287,7 @@ def test_a_year_of_hourly_exports_renders_in_under_two_seconds(browser, tmp_path
         start = first + dt.timedelta(days=day)
         counts = [100 + (hour_of_day * 37 + day) % 50 for hour_of_day in range(24)]
         write_export(data_dir, format_hour(start), format_hour(start + 23 * HOUR), counts, types)
-    built = report.build_report(read_manifest(data_dir / "manifest.jsonl"), data_dir, first,
+    built = report.build_report(data_dir / "manifest.jsonl", data_dir, first,
                                 first + (365 * 24 - 1) * HOUR, verify=False)
     page_path = tmp_path / "year.html"
     page_path.write_text(report.render_html(built))
