@@ -291,24 +291,35 @@ def not_an_event(member: str, number: int, line: bytes) -> BadEvent:
 # backslash doubled, so msgspec reads plain text) and unmasked after. A line that already holds the masked form as
 # text would come back changed: such a line is refused rather than altered.
 SURROGATE_ESCAPE = re.compile(rb"(\\+)(u[dD][89a-fA-F][0-9a-fA-F]{2})")
+# Surrogate escapes, and pairs of them (an emoji written with escapes): fewer than two a pair means a lone one,
+# which msgspec refuses. Two plain patterns: lookarounds would cost tens of microseconds a line.
+ANY_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+SURROGATE_PAIR = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}")
 
 
 def mask_surrogates(line: bytes) -> bytes | None:
-    """The line with every surrogate escape masked; None when it holds none."""
-    if b"\\u" not in line:
+    """The line with every surrogate escape masked; None when it holds no lone one (pairs, an emoji written with
+    escapes, msgspec reads as they are)."""
+    if b"\\ud" not in line and b"\\uD" not in line:
         return None
-    found = False
+    if len(ANY_SURROGATE.findall(line)) == 2 * len(SURROGATE_PAIR.findall(line)):
+        return None
+    escapes = text = False
 
     def mask(match):
-        nonlocal found
-        slashes = match.group(1)
-        if len(slashes) % 2 == 0:  # an escaped backslash, then text: the masked form would be ambiguous
-            raise ValueError("holds the text of a surrogate escape")
-        found = True
-        return slashes + b"\\" + match.group(2)
+        nonlocal escapes, text
+        if len(match.group(1)) % 2 == 0:  # an escaped backslash, then the letters: text, not an escape
+            text = True
+            return match.group(0)
+        escapes = True
+        return match.group(1) + b"\\" + match.group(2)
 
     masked = SURROGATE_ESCAPE.sub(mask, line)
-    return masked if found else None
+    if not escapes:
+        return None
+    if text:
+        raise ValueError("holds both a lone surrogate and the text of one")
+    return masked
 
 
 def unmask_surrogates(data: bytes) -> bytes:

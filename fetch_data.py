@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import json
 import logging
 import os
 import shlex
@@ -32,7 +33,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PROJECT_MODULES = ("errors", "windows", "settings", "export_api", "archive", "writer", "store", "logging_config",
-                   "progress")
+                   "progress", "report", "summary", "monitor", "urls", "field_rules", "azure_upload")
 
 
 def explain_missing_import(missing: ImportError) -> str:
@@ -60,15 +61,18 @@ if sys.version_info < (3, 11):  # noqa: UP036 - the check is for interpreters ol
 try:
     import simdjson
 
+    import report
     import store
     from archive import BadEvent, CorruptArchive, check_events, member_hour, unzip
     from errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ExportError, UsageError
     from export_api import Retryable, TooLarge, fetch, open_session
     from logging_config import printable, setup_logging
+    from monitor import Watch
     from progress import progress_bar
     from settings import Settings, load_environment, parse_settings
     from store import MANIFEST_NAME, Export, Finished
-    from windows import Window, fresh_windows, now_utc, plan_missing
+    from summary import Outcome, summary
+    from windows import Window, format_hour, fresh_windows, now_utc, plan_missing
     from writer import EventWriter
 except ImportError as missing:
     sys.stderr.write(explain_missing_import(missing) + "\n")
@@ -82,52 +86,72 @@ def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show a character gets its escape instead
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
-    started = now_utc()
+    started, began = now_utc(), time.monotonic()
     try:
         env = load_environment(Path.cwd(), os.environ)
         settings = parse_settings(argv, env, started)
+        log_file = start_logging(settings, started)
     except UsageError as exc:
         print(f"Error: {printable(str(exc))}", file=sys.stderr)
+        if asks_for_json(argv, os.environ):
+            print(json.dumps(summary(Outcome("usage", EXIT_USAGE, error=str(exc)), None, time.monotonic() - began)))
         return EXIT_USAGE
     share_with_sdks(env)
-    try:
-        log_file = setup_logging(settings.log_dir, settings.log_level, started, settings.quiet)
-    except OSError as exc:
-        print(f"Error: cannot write logs to {printable(str(settings.log_dir))}: {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_USAGE
-    exit_code = run_mode(settings)
-    if exit_code != EXIT_OK or not settings.quiet:
+    watch = Watch(settings)  # the dead man's switch and the metrics file, when asked for
+    watch.started()
+    outcome = run_mode(settings)
+    document = summary(outcome, str(log_file), time.monotonic() - began)
+    watch.finished(document)
+    if outcome.exit_code != EXIT_OK or not settings.quiet:
         print(f"Log file: {log_file}", file=sys.stderr)
     logging.shutdown()
-    return exit_code
+    if settings.json:  # the last line of stdout, where Airflow and other schedulers look
+        print(json.dumps(document, ensure_ascii=True))
+    return outcome.exit_code
 
 
-def run_mode(settings: Settings) -> int:
+def start_logging(settings: Settings, started) -> Path:
+    try:
+        return setup_logging(settings.log_dir, settings.log_level, started, settings.quiet)
+    except OSError as exc:
+        raise UsageError(f"cannot write logs to {settings.log_dir}: {exc.strerror or exc}") from None
+
+
+def asks_for_json(argv: list[str] | None, environ) -> bool:
+    """--json for a run whose settings could not be read: a scheduler still gets its one line."""
+    words = sys.argv[1:] if argv is None else argv
+    return "--json" in words or environ.get("AMP_JSON", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def run_mode(settings: Settings) -> Outcome:
+    outcome = Outcome("report" if settings.report else "demo" if settings.demo else "export")
     try:
         if settings.report:
-            return run_report(settings)
+            outcome.exit_code = report.run(settings, outcome)
+            return outcome
         with serve_demo_if_asked(settings) as settings:
-            exit_code = run_export(settings)
+            outcome.exit_code = run_export(settings, outcome)
         if settings.demo:
-            run_report(dataclasses.replace(settings, explicit_range=True))
+            report.run(dataclasses.replace(settings, explicit_range=True), Outcome("report"))
             log.info("Demo: open %s in a browser", settings.data_dir / "report.html")
-        return exit_code
+        return outcome
     except UsageError as exc:
-        log.error("%s", exc)
-        return EXIT_USAGE
+        return failed(outcome, EXIT_USAGE, str(exc))
     except ExportError as exc:
-        log.error("%s", exc)
-        return EXIT_FAILED
+        return failed(outcome, EXIT_FAILED, str(exc))
     except OSError as exc:  # the data folder itself: unwritable, full, gone
-        log.error("cannot use %s: %s", exc.filename or settings.data_dir, exc.strerror or exc)
-        return EXIT_FAILED
+        return failed(outcome, EXIT_FAILED, f"cannot use {exc.filename or settings.data_dir}: {exc.strerror or exc}")
     except KeyboardInterrupt:  # before the data folder is locked; afterwards stop_cleanly_on_signals answers
-        log.error("Interrupted before any export started")
-        return EXIT_FAILED
+        return failed(outcome, EXIT_FAILED, "Interrupted before any export started")
     except Exception as exc:  # a bug, not the user's doing: one line, the traceback in the log file only
         log.debug("Traceback of the failure below", exc_info=True)
-        log.error("Failed unexpectedly: %s: %s", type(exc).__name__, exc)
-        return EXIT_FAILED
+        return failed(outcome, EXIT_FAILED, f"Failed unexpectedly: {type(exc).__name__}: {exc}")
+
+
+def failed(outcome: Outcome, exit_code: int, reason: str) -> Outcome:
+    log.error("%s", reason)
+    outcome.exit_code, outcome.error = exit_code, reason
+    return outcome
 
 
 def share_with_sdks(env) -> None:
@@ -155,8 +179,8 @@ def serve_demo_if_asked(settings: Settings):
 # The export.
 
 
-def run_export(settings: Settings) -> int:
-    """Export every planned window that is not already exported; exit code 1 if any failed."""
+def run_export(settings: Settings, outcome: Outcome) -> int:
+    """Export every planned window that is not already exported, telling `outcome`; exit code 1 if any failed."""
     began = time.monotonic()
     data_dir = store.ensure_folder(settings.data_dir)
     log.info("Data folder: %s", data_dir)
@@ -170,6 +194,8 @@ def run_export(settings: Settings) -> int:
         in_range = store.exports_between(data_dir / MANIFEST_NAME, first, last)
         todo = plan_todo(settings, [record for record in in_range if record.file not in changed])
         warn_if_fresh(todo, settings.started)
+        outcome.start, outcome.end, outcome.windows_planned = format_hour(first), format_hour(last), len(todo)
+        outcome.hours_already = sum(w.hours for w in settings.windows) - sum(w.hours for w in todo)
         several = todo != [settings.seed_named_window]
 
         def save(finished: Finished) -> Export:
@@ -184,10 +210,23 @@ def run_export(settings: Settings) -> int:
         saved, failures = export_windows(todo, settings, save)
     warn_of_unmatched_rules(settings)
     log_summary(settings, saved, failures, time.monotonic() - began)
+    tell(outcome, data_dir, saved, failures, sum(w.hours for w in todo), uploads)
     if uploads and uploads.failure:
         log.error("Upload failed: %s; the files stay here and the next --upload run sends them", uploads.failure)
+        outcome.fail(None, f"upload failed: {uploads.failure}")
         return EXIT_FAILED
     return EXIT_FAILED if failures else EXIT_OK
+
+
+def tell(outcome: Outcome, data_dir: Path, saved: list[Export], failures, hours_todo: int, uploads) -> None:
+    outcome.windows_exported, outcome.events = len(saved), sum(record.events for record in saved)
+    outcome.hours_exported = sum(record.window.hours for record in saved)
+    outcome.hours_missing = hours_todo - outcome.hours_exported
+    outcome.files = [str(data_dir / record.file) for record in saved]
+    outcome.bytes = sum(record.size for record in saved)
+    outcome.uploaded = uploads.sent if uploads else 0
+    for window, reason in failures:
+        outcome.fail(window, reason)
 
 
 def plan_todo(settings: Settings, records: list) -> list[Window]:
@@ -333,47 +372,6 @@ def log_summary(settings: Settings, saved: list[Export], failures, seconds: floa
         "Summary: %s, %d window(s) exported, %d event(s), %d byte(s), %s, %d failed, %.1fs",
         Window(first, last), len(saved), events, size, files, len(failures), seconds,
     )
-
-
-# The report.
-
-
-def run_report(settings: Settings) -> int:
-    """--report: the page and the table for the range asked for, or the manifest's whole range."""
-    import report
-
-    data_dir = settings.data_dir
-    manifest = data_dir / MANIFEST_NAME  # read, never repaired: an export may be appending right now
-    if settings.explicit_range:
-        start, end = settings.windows[0].start, settings.windows[-1].end
-    elif found := report.manifest_range(manifest):
-        start, end = found
-    else:
-        raise UsageError(f"{manifest} records no export: give a range with --date or --start/--end")
-    target = settings.report_file or data_dir / "report.html"
-    refuse_own_file(target, data_dir, manifest)
-    built = report.build_report(manifest, data_dir, start, end, settings.verify)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        store.write_atomically(target, report.render_html(built).encode("utf-8", "backslashreplace"))
-    except OSError as exc:
-        raise ExportError(f"cannot write the report to {target}: {exc.strerror or exc}") from None
-    print(printable_table(report.render_table(built, target)))
-    return EXIT_FAILED if built.missing else EXIT_OK
-
-
-def printable_table(table: str) -> str:
-    return "\n".join(printable(line) for line in table.split("\n"))
-
-
-def refuse_own_file(target: Path, data_dir: Path, manifest: Path) -> None:
-    """The report never replaces the manifest, the exporter's own files or an export file."""
-    if target.resolve().parent != data_dir.resolve():
-        return
-    own = {MANIFEST_NAME, store.LOCK_NAME, store.JOURNAL_NAME}
-    if target.name in own or target.name.startswith(store.TEMP_PREFIX) or any(
-            head.file == target.name for head, _, _ in store.scan_manifest(manifest, repair=False, warn=False)):
-        raise UsageError(f"--report-file {target}: that is one of the exporter's own files; choose another name")
 
 
 # Signals.

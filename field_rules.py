@@ -127,12 +127,13 @@ class Pseudonymiser:
         # One memory per field name, so that IDs seen once (device IDs of one-time visitors) do not push out the
         # users who come back all day.
         self._pseudonyms: dict[str, dict[bytes, msgspec.Raw]] = collections.defaultdict(dict)
-        self.matched: set[str] = set()  # paths found in at least one event
+        # Paths no event has carried yet; once empty (on the first events, as a rule) the check costs nothing.
+        self._unmatched: set[str] = set(rules.dropped + rules.hashed)
         self.events = 0
 
     def unmatched(self) -> list[str]:
         """The paths no event carried, once events went through: a typo there keeps personal data."""
-        return sorted(set(self.rules.dropped + self.rules.hashed) - self.matched) if self.events else []
+        return sorted(self._unmatched) if self.events else []
 
     def apply(self, lines: list[bytes]) -> list[bytes]:
         """Each event with the rules applied, or the very same bytes when it carries none of the fields.
@@ -143,7 +144,7 @@ class Pseudonymiser:
         decode, edit, plan = OBJECT.decode, self._edit, self._plan
         changed = []
         for line in lines:
-            masked = mask_surrogates(line) if b"\\u" in line else None
+            masked = mask_surrogates(line) if b"\\ud" in line or b"\\uD" in line else None
             event = decode(masked or line)
             # Values kept as they were keep their inner spacing: the line is made compact as a whole.
             if edit(event, plan) or has_duplicates(masked or line, event):
@@ -156,16 +157,18 @@ class Pseudonymiser:
 
     def _edit(self, event: dict, plan: Plan) -> bool:
         changed = False
-        matched = self.matched
+        unmatched = self._unmatched
         for name, path in plan.dropped:
             if event.pop(name, None) is not None:
                 changed = True
-                matched.add(path)
+                if unmatched:
+                    unmatched.discard(path)
         for name, path in plan.hashed:
             value = event.get(name)
             if value is None:
                 continue
-            matched.add(path)
+            if unmatched:
+                unmatched.discard(path)
             raw = bytes(value)
             if raw == b"null":  # null stays null
                 continue

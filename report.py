@@ -13,9 +13,25 @@ import collections
 import dataclasses
 import datetime as dt
 import statistics
+import sys
 from pathlib import Path
 
-from store import Export, file_state, hour_of, records_of, scan_manifest, uploaded_keys
+from errors import EXIT_FAILED, EXIT_OK, ExportError, UsageError
+from logging_config import printable
+from store import (
+    JOURNAL_NAME,
+    LOCK_NAME,
+    MANIFEST_NAME,
+    TEMP_PREFIX,
+    Export,
+    file_state,
+    hour_of,
+    records_of,
+    scan_manifest,
+    uploaded_keys,
+    write_atomically,
+)
+from summary import Outcome
 from windows import HOUR, format_hour
 
 HISTORY_DAYS = 7  # the same hour on up to this many days before is an hour's expectation
@@ -114,6 +130,43 @@ def hour_at(report: Report, index: int) -> Hour:
     state, count = report.states[index], report.counts[index]
     return Hour(report.start + index * HOUR, None if state != 1 or count < 0 else count, MISSING.get(state, ""),
                 FLAGS[report.flags[index]])
+
+
+def run(settings, outcome: Outcome) -> int:
+    """--report: the page and the table for the range asked for, or the manifest's whole range; exit code 1 when an
+    hour is missing. The table goes to stdout, or with --json to stderr (stdout then holds the summary alone)."""
+    data_dir = settings.data_dir
+    manifest = data_dir / MANIFEST_NAME  # read, never repaired: an export may be appending right now
+    if settings.explicit_range:
+        start, end = settings.windows[0].start, settings.windows[-1].end
+    elif found := manifest_range(manifest):
+        start, end = found
+    else:
+        raise UsageError(f"{manifest} records no export: give a range with --date or --start/--end")
+    target = settings.report_file or data_dir / "report.html"
+    refuse_own_file(target, data_dir, manifest)
+    built = build_report(manifest, data_dir, start, end, settings.verify)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(target, render_html(built).encode("utf-8", "backslashreplace"))
+    except OSError as exc:
+        raise ExportError(f"cannot write the report to {target}: {exc.strerror or exc}") from None
+    table = render_table(built, target)
+    print("\n".join(printable(line) for line in table.split("\n")), file=sys.stderr if settings.json else sys.stdout)
+    outcome.start, outcome.end = format_hour(start), format_hour(end)
+    outcome.hours_already, outcome.hours_missing = len(built.counts) - built.missing, built.missing
+    outcome.events, outcome.files = built.events, [str(target)]
+    return EXIT_FAILED if built.missing else EXIT_OK
+
+
+def refuse_own_file(target: Path, data_dir: Path, manifest: Path) -> None:
+    """The report never replaces the manifest, the exporter's own files or an export file."""
+    if target.resolve().parent != data_dir.resolve():
+        return
+    own = {MANIFEST_NAME, LOCK_NAME, JOURNAL_NAME}
+    if target.name in own or target.name.startswith(TEMP_PREFIX) or any(
+            head.file == target.name for head, _, _ in scan_manifest(manifest, repair=False, warn=False)):
+        raise UsageError(f"--report-file {target}: that is one of the exporter's own files; choose another name")
 
 
 def manifest_range(manifest: Path) -> tuple[dt.datetime, dt.datetime] | None:

@@ -120,9 +120,10 @@ def log_level(value: str, source: str) -> int:
     return getattr(logging, one_of("debug", "info", "warning", "error")(value, source).upper())
 
 
-WHEN, SOURCE, OUTPUT, PRIVACY, AZURE, REPORT, RUN = (
+WHEN, SOURCE, OUTPUT, PRIVACY, AZURE, REPORT, WATCH, RUN = (
     "what to export (UTC; default: yesterday)", "where from", "where to", "personal data (docs/personal-data.md)",
-    "Azure Blob Storage (needs requirements-azure.txt; docs/azure.md)", "completeness report (docs/report.md)", "run",
+    "Azure Blob Storage (needs requirements-azure.txt; docs/azure.md)", "completeness report (docs/report.md)",
+    "schedulers and monitors (docs/monitoring.md)", "run",
 )
 
 OPTIONS: tuple[Option, ...] = (
@@ -193,6 +194,14 @@ OPTIONS: tuple[Option, ...] = (
            "table per day; exit 1 if an hour is missing", REPORT, switch=True),
     Option("report_file", "--report-file", None, text, None,
            "where --report writes its page (default <data dir>/report.html)", REPORT, "PATH", path=True),
+    Option("json", "--json", "AMP_JSON", switch, False,
+           "print one JSON summary of the run as the last line of stdout (human output goes to stderr)", WATCH,
+           switch=True),
+    Option("ping_url", "--ping-url", "AMP_PING_URL", text, None,
+           "a dead man's switch: URL/start when a run begins, URL on success, URL/fail on failure (https only)",
+           WATCH, "URL", secret=True),
+    Option("metrics_file", "--metrics-file", "AMP_METRICS_FILE", text, None,
+           "write node_exporter textfile metrics of the run to PATH (*.prom), atomically", WATCH, "PATH", path=True),
     Option("demo", "--demo", None, switch, False,
            "export the last 7 days from a local stand-in of the API and write its report: no credentials, no network",
            RUN, switch=True),
@@ -235,6 +244,9 @@ class Settings:
     report_file: Path | None
     demo: bool
     started: dt.datetime
+    json: bool = False
+    ping_url: str | None = dataclasses.field(default=None, repr=False)
+    metrics_file: Path | None = None
     upload: object = None  # azure_upload.Target with --upload
     field_rules: object = None  # field_rules.Pseudonymiser with --drop-fields or --hash-fields
 
@@ -313,6 +325,9 @@ def parse_settings(argv: list[str] | None, env: Mapping, now: dt.datetime, cwd: 
         report_file=values["report_file"],
         demo=demo,
         started=now,
+        json=values["json"],
+        ping_url=pick_checked(values, "ping_url", "check_ping_url"),
+        metrics_file=pick_checked(values, "metrics_file", "check_metrics_file"),
         upload=pick_upload(values) if values["upload"] else None,
         field_rules=pick_field_rules(values),
     )
@@ -471,6 +486,19 @@ def pick_base_url(values: Values) -> str:
         raise UsageError(f"{source}: the keys would travel unencrypted to {host}; use https:// (http:// is for 127.0.0.1 only)")
     # People paste the whole endpoint; the path is added per request, so take what comes before it.
     return base_url.rstrip("/").removesuffix(EXPORT_PATH).rstrip("/")
+
+
+def pick_checked(values: Values, name: str, checker: str):
+    """A monitoring setting, checked by the monitor module before any request; None when not asked for."""
+    value = values[name]
+    if value is None:
+        return None
+    import monitor
+
+    try:
+        return getattr(monitor, checker)(value, BY_NAME[name].flag if values.given(name) else BY_NAME[name].variable)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def pick_upload(values: Values):

@@ -1,0 +1,123 @@
+"""Letting monitors watch a run: a dead man's switch (`--ping-url`) and a metrics file (`--metrics-file`).
+
+The ping follows the Healthchecks.io convention: `URL/start` when a run begins, `URL` on success and `URL/fail` on
+failure, the last two with the run's JSON summary as their body. A monitor that hears nothing raises the alarm,
+which is how a night that never ran is noticed. The ping URL is a secret (whoever has it can fake a success): it
+is never logged, and a failed ping is a WARNING that never fails the export.
+
+The metrics file is node_exporter's textfile format, written by prometheus_client atomically (a temporary name,
+then a rename), so the collector never reads half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import urllib.parse
+from pathlib import Path
+
+from urls import is_loopback
+
+log = logging.getLogger("fetch_data")
+
+PING_TIMEOUT = 10.0
+USER_AGENT = "amplitude-eu-export/1.0 (fetch_data.py)"
+PREFIX = "amplitude_export_"
+
+
+class Watch:
+    """The monitors a run was asked to tell: started(), then finished(summary)."""
+
+    def __init__(self, settings):
+        self.ping_url = settings.ping_url
+        self.metrics_file = settings.metrics_file
+        self.data_dir = str(settings.data_dir)
+
+    def started(self) -> None:
+        if self.ping_url:
+            ping(self.ping_url, "/start", None)
+
+    def finished(self, document: dict) -> None:
+        if self.metrics_file:
+            write_metrics(self.metrics_file, self.data_dir, document, time.time())
+        if self.ping_url:
+            ping(self.ping_url, "" if document["status"] == "ok" else "/fail", document)
+
+
+def ping(url: str, suffix: str, document: dict | None) -> None:
+    """One ping, 10 s at most; what goes wrong is said without the URL and changes nothing else."""
+    import requests
+
+    kind = {"/start": "start", "": "success", "/fail": "failure"}[suffix]
+    body = json.dumps(document, ensure_ascii=True).encode() if document is not None else b""
+    try:
+        with requests.Session() as session:
+            if urllib.parse.urlsplit(url).scheme == "http":  # loopback only (checked in settings): never a proxy
+                session.trust_env = False
+            answer = session.post(url.rstrip("/") + suffix, data=body, timeout=PING_TIMEOUT, allow_redirects=False,
+                                  headers={"User-Agent": USER_AGENT, "Content-Type": "application/json"})
+        if answer.status_code >= 300:
+            log.warning("The %s ping to the monitor was answered HTTP %d; the export is not affected", kind,
+                        answer.status_code)
+    except requests.RequestException as exc:
+        log.warning("The %s ping to the monitor failed (%s); the export is not affected", kind, type(exc).__name__)
+
+
+def check_ping_url(url: str, source: str) -> str:
+    """An https URL (plain http to this machine only), or a ValueError that does not repeat it."""
+    parts = urllib.parse.urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in url.strip()):
+        raise ValueError(f"{source}: expected an https:// URL (it is not shown here: it is a secret)")
+    if parts.scheme == "http" and not is_loopback(parts.netloc.rsplit("@", 1)[-1]):
+        raise ValueError(f"{source}: plain http would carry the secret URL in the clear; use https:// (http:// is "
+                         "for this machine only)")
+    return url.strip()
+
+
+def check_metrics_file(path: Path, source: str) -> Path:
+    if path.suffix != ".prom":
+        raise ValueError(f"{source} {path}: node_exporter reads files named *.prom only")
+    if not path.parent.is_dir():
+        raise ValueError(f"{source} {path}: the folder {path.parent} does not exist")
+    return path
+
+
+def write_metrics(path: Path, data_dir: str, document: dict, now: float) -> None:
+    """The run's numbers for node_exporter's textfile collector; the last success survives a failed run."""
+    from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
+
+    registry = CollectorRegistry()
+
+    def gauge(name: str, text: str, value: float | None) -> None:
+        metric = Gauge(PREFIX + name, text, ["data_dir"], registry=registry)
+        if value is not None:
+            metric.labels(data_dir).set(value)
+
+    ok = document["status"] == "ok"
+    gauge("last_run_timestamp_seconds", "When the last run ended, Unix time", now)
+    gauge("last_success_timestamp_seconds", "When the last successful run ended, Unix time",
+          now if ok else previous_value(path, PREFIX + "last_success_timestamp_seconds", data_dir))
+    gauge("events", "Events the last run exported", document["events"])
+    gauge("hours_exported", "Hours the last run exported", document["hours"]["exported"])
+    gauge("hours_missing", "Hours of the last run's range still missing after it", document["hours"]["missing"])
+    gauge("duration_seconds", "How long the last run took", document["seconds"])
+    gauge("exit_code", "The last run's exit code: 0 ok, 1 failed, 2 bad settings", document["exit_code"])
+    try:
+        write_to_textfile(str(path), registry)
+    except OSError as exc:
+        log.warning("Cannot write the metrics file %s (%s)", path, exc.strerror or exc)
+
+
+def previous_value(path: Path, name: str, data_dir: str) -> float | None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = path.read_text()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and sample.labels.get("data_dir") == data_dir:
+                    return sample.value
+    except (OSError, ValueError):
+        return None
+    return None
