@@ -3,6 +3,7 @@
 
 import datetime as dt
 import json
+import os
 import re
 import shlex
 import shutil
@@ -304,15 +305,41 @@ def test_the_timer_runs_at_0330_utc_and_catches_up_after_downtime():
 def test_systemd_accepts_the_units(tmp_path):
     if not shutil.which("systemd-analyze"):
         pytest.skip("systemd-analyze is not on this machine")
-    for name in ("amplitude-export.service", "amplitude-export.timer"):
+    for name in ("amplitude-export.service", "amplitude-export.timer", "amplitude-export-failure.service"):
         text = (ROOT / "deploy" / name).read_text()
         # Installed at /opt/amplitude-export; here the checkout and its interpreter stand in for it.
         text = text.replace("/opt/amplitude-export/.venv/bin/python", sys.executable)
         (tmp_path / name).write_text(text.replace("/opt/amplitude-export", str(ROOT)))
-    result = subprocess.run(["systemd-analyze", "verify", "amplitude-export.timer", "amplitude-export.service"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(["systemd-analyze", "verify", "amplitude-export.timer", "amplitude-export.service",
+                             "amplitude-export-failure.service"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     problems = [line for line in result.stderr.splitlines() if "amplitude-export" in line]
     assert problems == []
     calendar = subprocess.run(["systemd-analyze", "calendar", "*-*-* 03:30:00 UTC"], capture_output=True, text=True)
     assert "Normalized form: *-*-* 03:30:00 UTC" in calendar.stdout
+
+
+def test_a_failed_run_is_told_to_the_journal_and_mailed(tmp_path):
+    """deploy/on-failure.sh with stand-ins for logger and mail on PATH, which record how they were called."""
+    bin_dir, logs = tmp_path / "bin", tmp_path / "logs"
+    bin_dir.mkdir()
+    logs.mkdir()
+    for tool in ("logger", "mail"):
+        script = bin_dir / tool
+        script.write_text(f'#!/bin/sh\necho "$@" > "{tmp_path}/{tool}.args"\ncat > "{tmp_path}/{tool}.stdin"\n'
+                          if tool == "mail" else f'#!/bin/sh\necho "$@" > "{tmp_path}/{tool}.args"\n')
+        script.chmod(0o755)
+    (logs / "log_20251106_033000.log").write_text("old run\n")
+    latest = logs / "log_20251107_033000.log"
+    latest.write_text("".join(f"line {n}\n" for n in range(80)) + "ERROR - Window failed\n")
+    os.utime(logs / "log_20251106_033000.log", (1, 1))
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "MAILTO": "data-team@example.com"}
+    result = subprocess.run(["sh", str(ROOT / "deploy" / "on-failure.sh"), str(logs)], env=env, capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "logger.args").read_text().strip() == (
+        f"-p user.err -t amplitude-export The nightly Amplitude export failed; log: {latest}")
+    assert (tmp_path / "mail.args").read_text().startswith("-s Amplitude export failed on ")
+    assert (tmp_path / "mail.args").read_text().strip().endswith("data-team@example.com")
+    mailed = (tmp_path / "mail.stdin").read_text()
+    assert mailed.endswith("line 79\nERROR - Window failed\n") and "line 29\n" not in mailed
