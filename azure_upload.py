@@ -282,6 +282,7 @@ class Uploads:
         self.data_dir = data_dir
         self.uploader = Uploader(target)
         self.failure: str | None = None
+        self.sent = 0  # files through the upload stage: sent, or found in place already
         self.changed: set[str] = set()  # files not uploaded because their bytes changed: export their hours again
 
     def send_pending(self) -> None:
@@ -315,6 +316,7 @@ class Uploads:
             start=record.start, end=record.end, file=record.file, blob=blob, sha256=record.sha256,
             uploaded_at=iso_utc(now_utc()),
         ))
+        self.sent += 1
         verb = "Uploaded" if sent else "Already uploaded (same sha256)"
         log.info("%s %s to %s/%s", verb, record.file, self.target.container, blob)
 
