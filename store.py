@@ -45,7 +45,19 @@ Sha256 = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
 HourText = Annotated[str, msgspec.Meta(pattern=r"^\d{8}T\d{2}$")]
 
 
-class Export(msgspec.Struct, omit_defaults=True):
+class Line(msgspec.Struct):
+    """What every manifest line has: a window of real hours, and a file in the data folder (checked on decoding)."""
+
+    def __post_init__(self):
+        check_window(self.start, self.end)
+        check_plain_name(self.file)
+
+    @property
+    def window(self) -> Window:
+        return Window(hour_of(self.start), hour_of(self.end))
+
+
+class Export(Line, omit_defaults=True):
     """A file put in place: the hours it holds, its size and sha256, and what it counts."""
 
     start: HourText
@@ -59,16 +71,8 @@ class Export(msgspec.Struct, omit_defaults=True):
     event_types: dict[str, Count] = {}
     policy: dict | None = None  # the field rules the file was written under
 
-    def __post_init__(self):
-        check_window(self.start, self.end)
-        check_plain_name(self.file)
 
-    @property
-    def window(self) -> Window:
-        return Window(hour_of(self.start), hour_of(self.end))
-
-
-class Upload(msgspec.Struct):
+class Upload(Line):
     """A file sent to Azure Blob Storage, with the sha256 of the bytes sent."""
 
     start: HourText
@@ -78,16 +82,8 @@ class Upload(msgspec.Struct):
     sha256: Sha256
     uploaded_at: str
 
-    def __post_init__(self):
-        check_window(self.start, self.end)
-        check_plain_name(self.file)
 
-    @property
-    def window(self) -> Window:
-        return Window(hour_of(self.start), hour_of(self.end))
-
-
-class Head(msgspec.Struct):
+class Head(Line):
     """What every manifest line is judged by, decoded without its counts: a manifest of a million lines is scanned
     in seconds, and only the lines a run needs are decoded whole."""
 
@@ -97,14 +93,6 @@ class Head(msgspec.Struct):
     sha256: Sha256
     size: Count | None = msgspec.field(default=None, name="bytes")
     blob: str | None = None
-
-    def __post_init__(self):
-        check_window(self.start, self.end)
-        check_plain_name(self.file)
-
-    @property
-    def window(self) -> Window:
-        return Window(hour_of(self.start), hour_of(self.end))
 
     @property
     def is_upload(self) -> bool:
