@@ -102,7 +102,7 @@ class Sink:
     checked. The queue is short: memory stays flat however far the checking runs ahead.
     """
 
-    QUEUED = 4
+    QUEUED = 2
     GATHER_BYTES = 256 << 10  # small writes (an archive of tiny members) are gathered to this before handing over
 
     def __init__(self, file):
