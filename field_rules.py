@@ -144,8 +144,13 @@ class Pseudonymiser:
         decode, edit, plan = OBJECT.decode, self._edit, self._plan
         changed = []
         for line in lines:
-            masked = mask_surrogates(line) if b"\\ud" in line or b"\\uD" in line else None
-            event = decode(masked or line)
+            try:
+                masked, event = None, decode(line)
+            except msgspec.DecodeError:  # a checked line msgspec refuses holds a lone surrogate escape
+                masked = mask_surrogates(line)
+                if masked is None:
+                    raise
+                event = decode(masked)
             # Values kept as they were keep their inner spacing: the line is made compact as a whole.
             if edit(event, plan) or has_duplicates(masked or line, event):
                 rewritten = FORMAT(ENCODE(event), indent=-1)
