@@ -2,7 +2,7 @@
 
     .venv/bin/python docs/screenshot_demo.py     # needs Debian's chromium and playwright (requirements-dev.txt)
 
-Runs `fetch_data.py --demo` in a temporary folder and photographs its report in headless Chromium, offline.
+Runs `fetch_data.py --demo` into a temporary folder and photographs its report in headless Chromium, offline.
 """
 
 import subprocess
@@ -18,9 +18,10 @@ TARGET = ROOT / "docs" / "demo-report.png"
 
 def main() -> int:
     with tempfile.TemporaryDirectory(dir=ROOT / "docs") as work:
-        subprocess.run([sys.executable, str(ROOT / "fetch_data.py"), "--demo", "--quiet"], cwd=work, check=True,
-                       stdout=subprocess.DEVNULL)
-        page_url = (Path(work) / "demo" / "data" / "report.html").as_uri()
+        data, logs = Path(work) / "data", Path(work) / "logs"
+        subprocess.run([sys.executable, str(ROOT / "fetch_data.py"), "--demo", "--quiet", "--data-dir", str(data),
+                        "--log-dir", str(logs)], check=True, stdout=subprocess.DEVNULL)
+        page_url = (data / "report.html").as_uri()
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1280, "height": 900}, offline=True)
