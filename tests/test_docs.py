@@ -5,11 +5,13 @@ import datetime as dt
 import logging
 import re
 import shlex
+import types
 
 import pytest
 
 import archive
 import fetch_data as fd
+import report
 from errors import ExportError, UsageError
 from export_api import Answer, Retryable, classify, describe_failure, download, fetch
 from settings import EXPORT_PATH, OPTIONS, Environment, build_parser, parse_settings
@@ -217,7 +219,26 @@ def messages_the_program_prints(tmp_path, monkeypatch, caplog) -> list[str]:
     rejected = HttpResponseError(message="denied")
     rejected.status_code = 403
     messages += [uploader._describe(ServiceRequestError("down")), uploader._describe(rejected)]
+
+    class TakenBlob:
+        def get_blob_properties(self):
+            return types.SimpleNamespace(metadata={"sha256": "f" * 64})
+
+    messages.append(failure_of(azure_upload.UploadError, uploader._already_there, TakenBlob(), "p/x.json", "0" * 64))
+    messages.append(usage_error(["--upload"], {**keys, "AZURE_STORAGE_ACCOUNT_URL": "http://acct.blob.core.windows.net"}))
+    messages.append(failure_of(UsageError, report.refuse_own_file, tmp_path / "manifest.jsonl", tmp_path,
+                               tmp_path / "manifest.jsonl"))
+    typo = parse_settings(["--date", "2025-11-01", "--drop-fields", "ip_adress"], keys, now)
+    typo.field_rules.apply([b'{"ip_address":"10.0.0.1"}'])
+    fd.warn_of_unmatched_rules(typo)
+    messages += [record.getMessage() for record in caplog.records]
     return messages
+
+
+def failure_of(kind, call, *args) -> str:
+    with pytest.raises(kind) as caught:
+        call(*args)
+    return str(caught.value)
 
 
 def test_the_troubleshooting_table_quotes_what_the_program_prints(tmp_path, monkeypatch, caplog):
