@@ -26,7 +26,7 @@ from store import (
     Export,
     file_state,
     hour_of,
-    records_of,
+    iterate_exports,
     scan_manifest,
     uploaded_keys,
     write_atomically,
@@ -188,7 +188,7 @@ def build_report(manifest: Path, data_dir: Path, start: dt.datetime, end: dt.dat
     files: collections.deque = collections.deque(maxlen=MAX_FILE_ROWS)
     current: dict[int, list] = {}  # position -> [record, hours it still counts]: only exports some hour counts from
     total = 0
-    for position, (head, record) in enumerate(exports_in(manifest, start, end)):
+    for position, (head, record) in enumerate(iterate_exports(manifest, start, end, repair=False)):
         state = file_state(record, data_dir, verify)
         files.append(FileRow(f"{record.start}-{record.end}", record.file, record.events, record.size, record.sha256,
                              head.key in uploaded, state))
@@ -214,15 +214,6 @@ def forgo(current: dict[int, list], position: int) -> None:
         current[position][1] -= 1
         if not current[position][1]:
             del current[position]
-
-
-def exports_in(manifest: Path, start: dt.datetime, end: dt.datetime, warn: bool = True):
-    """(head, export record) of each export line whose window meets start..end, in manifest order."""
-    between = (format_hour(start), format_hour(end))
-    wanted = (item for item in scan_manifest(manifest, repair=False, warn=warn, between=between)
-              if not item[0].is_upload and item[0].start <= between[1] and item[0].end >= between[0])
-    named = manifest if warn else None
-    return ((head, record) for head, record in records_of(wanted, named) if isinstance(record, Export))
 
 
 def index_of(moment: dt.datetime, start: dt.datetime, size: int) -> int:

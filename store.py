@@ -229,10 +229,15 @@ def warn_of_line(manifest: Path, number: int, exc: Exception) -> None:
 
 def exports_between(manifest: Path, first: dt.datetime, last: dt.datetime, repair: bool = True) -> list[Export]:
     """The export records whose window meets first..last, from one streaming pass."""
+    return [record for _, record in iterate_exports(manifest, first, last, repair)]
+
+
+def iterate_exports(manifest: Path, first: dt.datetime, last: dt.datetime, repair: bool = True):
+    """(head, export record) of each export line whose window meets first..last, in manifest order, streamed."""
     first_text, last_text = format_hour(first), format_hour(last)
     wanted = (item for item in scan_manifest(manifest, repair, between=(first_text, last_text))
               if item[0].start <= last_text and item[0].end >= first_text and not item[0].is_upload)
-    return [record for _, record in records_of(wanted, manifest) if isinstance(record, Export)]
+    return ((head, record) for head, record in records_of(wanted, manifest) if isinstance(record, Export))
 
 
 def uploaded_keys(manifest: Path) -> set[bytes]:
@@ -323,11 +328,7 @@ def file_state(record: Export, data_dir: Path, verify: bool) -> str:
 
 def is_intact(record: Export, data_dir: Path) -> bool:
     """A file still in the data folder, a regular file (no link) of the recorded size."""
-    try:
-        found = os.lstat(os.path.join(data_dir, record.file))
-    except OSError:
-        return False
-    return stat.S_ISREG(found.st_mode) and found.st_size == record.size
+    return file_state(record, data_dir, verify=False) == "intact"
 
 
 def file_sha256(path: Path) -> str | None:
