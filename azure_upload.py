@@ -85,7 +85,7 @@ def ensure_installed() -> None:
         raise ImportError(f"--upload needs the Azure packages: {install}") from None
 
 
-def target_from(credentials, container: str, prefix: str) -> Target:
+def target_from(credentials, container: str, prefix: str, needed_by: str = "--upload") -> Target:
     """The upload target from the AZURE_STORAGE_* credentials (a mapping by variable name); ValueError with a
     one-line reason when they do not add up."""
     if not CONTAINER_NAME.match(container):
@@ -102,7 +102,7 @@ def target_from(credentials, container: str, prefix: str) -> Target:
         return Target(container, prefix, endpoint, connection_string=connection_string)
     if not account_url:
         raise ValueError(
-            "--upload needs AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT_URL "
+            f"{needed_by} needs AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT_URL "
             "(with AZURE_STORAGE_SAS_TOKEN, or alone for DefaultAzureCredential)"
         )
     if not re.fullmatch(r"https?://[^\s/?#@]+(/[^\s?#]*)?", account_url):
@@ -132,8 +132,12 @@ def check_prefix(prefix: str) -> str:
     return stripped
 
 
+def connection_fields(connection_string: str) -> dict[str, str]:
+    return dict(part.strip().split("=", 1) for part in connection_string.split(";") if "=" in part)
+
+
 def endpoint_of(connection_string: str) -> str:
-    fields = dict(part.split("=", 1) for part in connection_string.split(";") if "=" in part)
+    fields = connection_fields(connection_string)
     if fields.get("UseDevelopmentStorage", "").lower() == "true":
         return "http://127.0.0.1:10000/devstoreaccount1"
     if fields.get("BlobEndpoint"):
@@ -166,6 +170,32 @@ def container_client(target: Target):
     else:
         service = BlobServiceClient(target.account_url, credential=build_credential(target), **options)
     return service.get_container_client(target.container)
+
+
+def create_container(target: Target):
+    """The container client, creating the container where the credentials allow it."""
+    from azure.core.exceptions import HttpResponseError, ResourceExistsError
+
+    container = container_client(target)
+    try:
+        container.create_container()
+    except ResourceExistsError:
+        pass
+    except HttpResponseError as exc:
+        # A SAS scoped to one container may neither create nor inspect it: write into it as it is.
+        if not (target.sas_token and exc.status_code == 403):
+            raise
+    return container
+
+
+def ensure_container(target: Target) -> None:
+    """create_container for another stage (the lake): an UploadError, naming no secret, when it fails."""
+    from azure.core.exceptions import AzureError
+
+    try:
+        create_container(target)
+    except AzureError as exc:
+        raise UploadError(describe(target, exc)) from None
 
 
 class Uploader:
@@ -209,7 +239,7 @@ class Uploader:
                 raise
             return True
         except AzureError as exc:
-            raise UploadError(self._describe(exc)) from None
+            raise UploadError(describe(self.target, exc)) from None
         except OSError as exc:
             raise FileChanged(path.name, exc.strerror or str(exc)) from None
 
@@ -227,20 +257,8 @@ class Uploader:
         return True
 
     def _connect(self):
-        """The container client, creating the container where the credentials allow it."""
         if self._container is None:
-            from azure.core.exceptions import HttpResponseError, ResourceExistsError
-
-            container = container_client(self.target)
-            try:
-                container.create_container()
-            except ResourceExistsError:
-                pass
-            except HttpResponseError as exc:
-                # A SAS scoped to one container may neither create nor inspect it: upload into it as it is.
-                if not (self.target.sas_token and exc.status_code == 403):
-                    raise
-            self._container = container
+            self._container = create_container(self.target)
         return self._container
 
     @staticmethod
@@ -257,21 +275,23 @@ class Uploader:
                 return None
             raise
 
-    def _describe(self, exc) -> str:
-        from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ServiceRequestError
 
-        where = f"account {self.target.account}, container {self.target.container}"
-        status = getattr(exc, "status_code", None)
-        answer = f" (HTTP {status} {getattr(exc, 'error_code', None) or ''})".replace(" )", ")") if status else ""
-        if isinstance(exc, ClientAuthenticationError) or status in (401, 403):
-            if not status:  # DefaultAzureCredential found no identity to use
-                return f"no Azure credentials were available ({self.target.method}) for {where}"
-            return f"Azure rejected the credentials ({self.target.method}) for {where}{answer}"
-        if isinstance(exc, ServiceRequestError):
-            return f"cannot reach Azure Blob Storage for {where} ({type(exc).__name__})"
-        if isinstance(exc, HttpResponseError):
-            return f"Azure answered{answer} for {where}"
-        return f"upload to {where} failed ({type(exc).__name__})"
+
+def describe(target: Target, exc) -> str:
+    from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ServiceRequestError
+
+    where = f"account {target.account}, container {target.container}"
+    status = getattr(exc, "status_code", None)
+    answer = f" (HTTP {status} {getattr(exc, 'error_code', None) or ''})".replace(" )", ")") if status else ""
+    if isinstance(exc, ClientAuthenticationError) or status in (401, 403):
+        if not status:  # DefaultAzureCredential found no identity to use
+            return f"no Azure credentials were available ({target.method}) for {where}"
+        return f"Azure rejected the credentials ({target.method}) for {where}{answer}"
+    if isinstance(exc, ServiceRequestError):
+        return f"cannot reach Azure Blob Storage for {where} ({type(exc).__name__})"
+    if isinstance(exc, HttpResponseError):
+        return f"Azure answered{answer} for {where}"
+    return f"upload to {where} failed ({type(exc).__name__})"
 
 
 class Uploads:
@@ -327,7 +347,7 @@ def pending_uploads(data_dir: Path):
     manifest = data_dir / MANIFEST_NAME
     uploaded, seen = uploaded_keys(manifest), set()
     candidates = ((head, line, number) for head, line, number in scan_manifest(manifest, warn=False)
-                  if not head.is_upload and head.key not in uploaded and head.key not in seen)
+                  if head.is_export and head.key not in uploaded and head.key not in seen)
     for head, record in records_of(candidates):
         if isinstance(record, Export) and head.key not in seen and is_intact(record, data_dir):
             seen.add(head.key)

@@ -12,6 +12,7 @@ docs/. This file is the entry point and the pipeline, top-down; each stage lives
     writer        the output file and its counts
     store         manifest, journal, lock, atomic files
     azure_upload  --upload
+    lake          --lake (its schema in lake_schema)
     report        --report
 """
 
@@ -33,7 +34,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PROJECT_MODULES = ("errors", "windows", "settings", "export_api", "archive", "writer", "store", "logging_config",
-                   "progress", "report", "summary", "monitor", "urls", "field_rules", "azure_upload")
+                   "progress", "report", "summary", "monitor", "urls", "field_rules", "azure_upload", "lake",
+                   "lake_schema")
 
 
 def explain_missing_import(missing: ImportError) -> str:
@@ -66,13 +68,14 @@ try:
     from archive import BadEvent, CorruptArchive, check_events, member_hour, unzip
     from errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ExportError, UsageError
     from export_api import Retryable, TooLarge, fetch, open_session
+    from lake import open_lake
     from logging_config import printable, setup_logging
     from monitor import Watch
     from progress import progress_bar
     from settings import Settings, load_environment, parse_settings
     from store import MANIFEST_NAME, Export, Finished
     from summary import Outcome, summary
-    from windows import Window, format_hour, fresh_windows, now_utc, plan_missing
+    from windows import Window, format_hour, fresh_windows, hours_between, now_utc, plan_missing
     from writer import EventWriter
 except ImportError as missing:
     sys.stderr.write(explain_missing_import(missing) + "\n")
@@ -128,6 +131,10 @@ def run_mode(settings: Settings) -> Outcome:
     try:
         if settings.report:
             outcome.exit_code = report.run(settings, outcome)
+            return outcome
+        if settings.lake_maintain:
+            lake = open_lake(settings.lake, settings.data_dir, settings.policy)
+            outcome.mode, outcome.lake_version = "lake-maintain", lake.maintain(settings.lake_retention_days)
             return outcome
         with serve_demo_if_asked(settings) as settings:
             outcome.exit_code = run_export(settings, outcome)
@@ -189,10 +196,14 @@ def run_export(settings: Settings, outcome: Outcome) -> int:
         stop_cleanly_on_signals(data_dir)
         store.finish_interrupted_save(data_dir)
         uploads = start_uploads(settings)
+        lake = open_lake(settings.lake, data_dir, settings.policy)
         changed = uploads.changed if uploads else set()
         first, last = settings.windows[0].start, settings.windows[-1].end
         in_range = store.exports_between(data_dir / MANIFEST_NAME, first, last)
         todo = plan_todo(settings, [record for record in in_range if record.file not in changed])
+        if lake:
+            lake.fill([record for record in in_range if record.file not in changed],
+                      {hour for window in todo for hour in hours_between(window.start, window.end)})
         warn_if_fresh(todo, settings.started)
         outcome.start, outcome.end, outcome.windows_planned = format_hour(first), format_hour(last), len(todo)
         outcome.hours_already = sum(w.hours for w in settings.windows) - sum(w.hours for w in todo)
@@ -205,17 +216,22 @@ def run_export(settings: Settings, outcome: Outcome) -> int:
                      finished.size, data_dir / record.file, finished.seconds)
             if uploads:
                 uploads.send(record)
+            if lake:
+                lake.send(record)
             return record
 
         saved, failures = export_windows(todo, settings, save)
     warn_of_unmatched_rules(settings)
     log_summary(settings, saved, failures, time.monotonic() - began)
     tell(outcome, data_dir, saved, failures, sum(w.hours for w in todo), uploads)
+    outcome.lake_version = lake.version if lake else None
     if uploads and uploads.failure:
         log.error("Upload failed: %s; the files stay here and the next --upload run sends them", uploads.failure)
         outcome.fail(None, f"upload failed: {uploads.failure}")
-        return EXIT_FAILED
-    return EXIT_FAILED if failures else EXIT_OK
+    if lake and lake.failure:
+        log.error("Lake: %s; the files stay here and the next --lake run loads them", lake.failure)
+        outcome.fail(None, f"lake failed: {lake.failure}")
+    return EXIT_FAILED if failures or outcome.failures else EXIT_OK
 
 
 def tell(outcome: Outcome, data_dir: Path, saved: list[Export], failures, hours_todo: int, uploads) -> None:
@@ -312,7 +328,7 @@ def export_window(window: Window, settings: Settings) -> Finished:
             raise ExportError(f"cannot write to {settings.data_dir}: {exc.strerror or exc}") from None
         raise
     return Finished(window, writer.path, writer.events, writer.size, writer.sha256(), time.monotonic() - began,
-                    writer.tally.by_hour(window), dict(writer.tally.types))
+                    writer.tally.by_hour(window), dict(writer.tally.types), writer.tally.runs_out_of_order())
 
 
 def export_span(span: Window, writer: EventWriter, session, settings: Settings, parser) -> None:

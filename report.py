@@ -173,7 +173,7 @@ def manifest_range(manifest: Path) -> tuple[dt.datetime, dt.datetime] | None:
     """The first and last hour any export line covers; None when there is none."""
     first = last = None
     for head, _, _ in scan_manifest(manifest, repair=False, warn=False):
-        if not head.is_upload:
+        if head.is_export:
             first = head.start if first is None or head.start < first else first
             last = head.end if last is None or head.end > last else last
     return (hour_of(first), hour_of(last)) if first else None

@@ -120,9 +120,10 @@ def log_level(value: str, source: str) -> int:
     return getattr(logging, one_of("debug", "info", "warning", "error")(value, source).upper())
 
 
-WHEN, SOURCE, OUTPUT, PRIVACY, AZURE, REPORT, WATCH, RUN = (
+WHEN, SOURCE, OUTPUT, PRIVACY, AZURE, LAKE, REPORT, WATCH, RUN = (
     "what to export (UTC; default: yesterday)", "where from", "where to", "personal data (docs/personal-data.md)",
-    "Azure Blob Storage (needs requirements-azure.txt; docs/azure.md)", "completeness report (docs/report.md)",
+    "Azure Blob Storage (needs requirements-azure.txt; docs/azure.md)",
+    "Delta Lake table (needs requirements-lake.txt; docs/lake.md)", "completeness report (docs/report.md)",
     "schedulers and monitors (docs/monitoring.md)", "run",
 )
 
@@ -189,6 +190,15 @@ OPTIONS: tuple[Option, ...] = (
            "https://<account>.blob.core.windows.net, with a SAS token or alone (DefaultAzureCredential)", AZURE),
     Option("sas_token", None, "AZURE_STORAGE_SAS_TOKEN", text, None, "a SAS token for the account URL", AZURE,
            secret=True),
+    Option("lake", "--lake", "AMP_LAKE", text, None,
+           "also write each window into the Delta table at URI: a folder, az://<container>/<path> or "
+           "abfss://<container>@<account>.dfs.core.windows.net/<path> (Azure credentials as for --upload)", LAKE,
+           "URI"),
+    Option("lake_maintain", "--lake-maintain", None, switch, False,
+           "export nothing: compact the --lake table's small files and remove files older than the retention",
+           LAKE, switch=True),
+    Option("lake_retention_days", "--lake-retention-days", "AMP_LAKE_RETENTION_DAYS", whole(0, 3650), 7,
+           "with --lake-maintain: days a replaced file is kept for readers and time travel", LAKE, "DAYS"),
     Option("report", "--report", None, switch, False,
            "export nothing: write an HTML report of the range (default: the manifest's whole range) and print a "
            "table per day; exit 1 if an hour is missing", REPORT, switch=True),
@@ -248,6 +258,9 @@ class Settings:
     ping_url: str | None = dataclasses.field(default=None, repr=False)
     metrics_file: Path | None = None
     upload: object = None  # azure_upload.Target with --upload
+    lake: object = None  # lake.LakeTarget with --lake
+    lake_maintain: bool = False
+    lake_retention_days: int = 7
     field_rules: object = None  # field_rules.Pseudonymiser with --drop-fields or --hash-fields
 
     @property
@@ -301,6 +314,8 @@ def parse_settings(argv: list[str] | None, env: Mapping, now: dt.datetime, cwd: 
     windows = plan_range(start - dt.timedelta(days=catch_up_days), end, window_hours)
     if args.report_file and not report:
         raise UsageError("--report-file goes with --report")
+    if values["lake_maintain"] and not values["lake"]:
+        raise UsageError("--lake-maintain needs --lake (or AMP_LAKE): the table to maintain")
     api_key, secret_key = ("demo", "demo") if demo or report else pick_credentials(values, env)
     api = Api(pick_base_url(values), api_key, secret_key, values["max_attempts"], values["delay_seconds"],
               values["read_timeout"], values["attempt_timeout"])
@@ -329,6 +344,9 @@ def parse_settings(argv: list[str] | None, env: Mapping, now: dt.datetime, cwd: 
         ping_url=pick_checked(values, "ping_url", "check_ping_url"),
         metrics_file=pick_checked(values, "metrics_file", "check_metrics_file"),
         upload=pick_upload(values) if values["upload"] else None,
+        lake=pick_lake(values),
+        lake_maintain=values["lake_maintain"],
+        lake_retention_days=values["lake_retention_days"],
         field_rules=pick_field_rules(values),
     )
 
@@ -519,6 +537,23 @@ def pick_upload(values: Values):
     except ValueError:
         raise UsageError(f"the {target.method} for Azure is incomplete or malformed") from None
     return target
+
+
+def pick_lake(values: Values):
+    """The Delta table of --lake, its packages and credentials checked before any export; None without it."""
+    raw, source, base = values.raw(BY_NAME["lake"])
+    if not raw or not str(raw).strip():
+        return None
+    import lake
+
+    try:
+        lake.ensure_installed()
+        credentials = {BY_NAME[name].variable: values[name] for name in ("connection_string", "account_url", "sas_token")}
+        return lake.target_from(str(raw), credentials, base)
+    except ImportError as exc:
+        raise UsageError(str(exc)) from None
+    except ValueError as exc:
+        raise UsageError(f"{source}: {exc}") from None
 
 
 def pick_field_rules(values: Values):

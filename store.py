@@ -1,7 +1,8 @@
 """The store: what is in the data folder and how it gets there.
 
-The manifest (`manifest.jsonl`) is the record of every file put in place (an Export line) and every file uploaded
-(an Upload line); lines are typed records, validated here and only here. A file is written beside its final name,
+The manifest (`manifest.jsonl`) is the record of every file put in place (an Export line), every file uploaded
+(an Upload line) and every file loaded into the lake (a LakeLoad line); lines are typed records, validated here and
+only here. A file is written beside its final name,
 fsynced, its manifest line journaled, then linked under its final name and recorded. The lock keeps one run per
 folder. The exporter's own files are never opened through a link.
 """
@@ -68,6 +69,9 @@ class Export(Line, omit_defaults=True):
     sha256: Sha256
     finished_at: str
     hours: dict[str, Count] | None = None  # per hour of the window; absent when some member named no hour
+    # The member hour of each run of lines in file order, when that order is not simply `hours` sorted (a member
+    # that named no hour, or a stray hour written out of order); the lake reads it.
+    runs: list[tuple[HourText | None, Count]] | None = None
     event_types: dict[str, Count] = {}
     policy: dict | None = None  # the field rules the file was written under
 
@@ -83,6 +87,19 @@ class Upload(Line):
     uploaded_at: str
 
 
+class LakeLoad(Line):
+    """A file loaded into the Delta table at `lake`: the table's id and the version of the commit."""
+
+    start: HourText
+    end: HourText
+    file: str
+    sha256: Sha256
+    lake: str
+    table_id: str
+    version: Count
+    loaded_at: str
+
+
 class Head(Line):
     """What every manifest line is judged by, decoded without its counts: a manifest of a million lines is scanned
     in seconds, and only the lines a run needs are decoded whole."""
@@ -93,10 +110,15 @@ class Head(Line):
     sha256: Sha256
     size: Count | None = msgspec.field(default=None, name="bytes")
     blob: str | None = None
+    table_id: str | None = None
 
     @property
     def is_upload(self) -> bool:
         return self.blob is not None
+
+    @property
+    def is_export(self) -> bool:
+        return self.blob is None and self.table_id is None
 
     @property
     def key(self) -> bytes:
@@ -107,18 +129,20 @@ class Head(Line):
 DECODE_HEAD = msgspec.json.Decoder(Head).decode
 DECODE_EXPORT = msgspec.json.Decoder(Export).decode
 DECODE_UPLOAD = msgspec.json.Decoder(Upload).decode
+DECODE_LAKE = msgspec.json.Decoder(LakeLoad).decode
 ENCODE = msgspec.json.Encoder().encode
 
 
-def parse_line(line: bytes) -> Export | Upload:
+def parse_line(line: bytes) -> Export | Upload | LakeLoad:
     """One manifest line as its record; a ValueError saying what is wrong with it otherwise."""
     try:
         return DECODE_EXPORT(line)
     except msgspec.ValidationError as export_problem:
-        if b'"blob"' not in line:
+        other = DECODE_UPLOAD if b'"blob"' in line else DECODE_LAKE if b'"table_id"' in line else None
+        if other is None:
             raise ValueError(str(export_problem)) from None
         try:
-            return DECODE_UPLOAD(line)
+            return other(line)
         except msgspec.ValidationError:
             raise ValueError(str(export_problem)) from None
     except msgspec.DecodeError as exc:
@@ -166,7 +190,7 @@ def is_plain_name(name) -> bool:
 # The manifest.
 
 
-def read_manifest(manifest: Path, repair: bool = True) -> list[Export | Upload]:
+def read_manifest(manifest: Path, repair: bool = True) -> list[Export | Upload | LakeLoad]:
     """Every record of the manifest, decoded whole (for a manifest of ordinary length; a run scans instead)."""
     return [record for _, record in records_of(scan_manifest(manifest, repair), manifest)]
 
@@ -236,7 +260,7 @@ def iterate_exports(manifest: Path, first: dt.datetime, last: dt.datetime, repai
     """(head, export record) of each export line whose window meets first..last, in manifest order, streamed."""
     first_text, last_text = format_hour(first), format_hour(last)
     wanted = (item for item in scan_manifest(manifest, repair, between=(first_text, last_text))
-              if item[0].start <= last_text and item[0].end >= first_text and not item[0].is_upload)
+              if item[0].start <= last_text and item[0].end >= first_text and item[0].is_export)
     return ((head, record) for head, record in records_of(wanted, manifest) if isinstance(record, Export))
 
 
@@ -276,7 +300,7 @@ def cut_torn_line(manifest: Path, complete: int, repair: bool) -> None:
         os.fsync(fix.fileno())
 
 
-def append_manifest(manifest: Path, record: Export | Upload) -> None:
+def append_manifest(manifest: Path, record: Export | Upload | LakeLoad) -> None:
     with open_own_file(manifest, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "ab") as out:
         out.write(ENCODE(record) + b"\n")
         out.flush()
@@ -358,6 +382,7 @@ class Finished:
     seconds: float
     hours: dict[str, int] | None
     event_types: dict[str, int]
+    runs: list[tuple[str | None, int]] | None = None
 
 
 def save_window(finished: Finished, data_dir: Path, names, policy: dict | None, now: dt.datetime) -> Export:
@@ -391,7 +416,8 @@ def export_record(finished: Finished, name: str, now: dt.datetime, policy: dict 
     return Export(
         start=format_hour(finished.window.start), end=format_hour(finished.window.end), file=name,
         events=finished.events, size=finished.size, sha256=finished.sha256, finished_at=iso_utc(now),
-        hours=finished.hours, event_types=dict(sorted(finished.event_types.items())), policy=policy or None,
+        hours=finished.hours, runs=finished.runs, event_types=dict(sorted(finished.event_types.items())),
+        policy=policy or None,
     )
 
 
@@ -438,7 +464,7 @@ def finish_interrupted_save(data_dir: Path) -> None:
         # Torn while written (its rename never happened), or not written by this program at all.
         log.warning("%s does not describe a file in the data folder; ignored", journal)
     elif is_intact(record, data_dir) and not any(
-        not head.is_upload and head.file == record.file and head.sha256 == record.sha256
+        head.is_export and head.file == record.file and head.sha256 == record.sha256
         for head, _, _ in scan_manifest(manifest, warn=False)
     ):
         log.warning("Recording %s, put in place by a run that stopped before recording it", record.file)

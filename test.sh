@@ -33,7 +33,7 @@ fi
 
 # Reinstall only when a requirements file or the lock file changed since the last install.
 stamp_of() { cat "$@" | sha256sum | cut -d' ' -f1; }
-python_stamp=$(stamp_of requirements.txt requirements-azure.txt requirements-dev.txt)
+python_stamp=$(stamp_of requirements.txt requirements-azure.txt requirements-lake.txt requirements-dev.txt)
 if [ "$(cat .venv/.requirements-stamp 2>/dev/null)" != "$python_stamp" ]; then
     .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
     echo "$python_stamp" >.venv/.requirements-stamp

@@ -180,16 +180,21 @@ class Sink:
 class Tally:
     """Events per hour (the archive member's hour, which is how the Export API groups events) and per event type."""
 
-    def __init__(self, hours=None, types=None, unplaced=0):
+    def __init__(self, hours=None, types=None, unplaced=0, runs=None):
         self.hours: collections.Counter = collections.Counter(hours or {})
         self.types: collections.Counter = collections.Counter(types or {})
         self.unplaced = unplaced  # events of members whose name gives no hour
+        self.runs: list[list] = [list(run) for run in runs or []]  # [hour or None, events] in the file's order
 
     def add(self, hour: dt.datetime | None, types: list[str]) -> None:
         if hour is None:
             self.unplaced += len(types)
         else:
             self.hours[hour] += len(types)
+        if self.runs and self.runs[-1][0] == hour:
+            self.runs[-1][1] += len(types)
+        elif types:
+            self.runs.append([hour, len(types)])
         self.types.update(types)
         if len(self.types) > MAX_TYPES:
             self._fold_rare_types()
@@ -204,7 +209,7 @@ class Tally:
         self.types = kept
 
     def copy(self) -> Tally:
-        return Tally(self.hours, self.types, self.unplaced)
+        return Tally(self.hours, self.types, self.unplaced, self.runs)
 
     def by_hour(self, window: Window) -> dict[str, int] | None:
         """Every hour of the window (zeros included) and any stray hour; None if some events have no hour."""
@@ -212,6 +217,12 @@ class Tally:
             return None
         hours = {hour: 0 for hour in hours_between(window.start, window.end)} | dict(self.hours)
         return {format_hour(hour): hours[hour] for hour in sorted(hours)}
+
+    def runs_out_of_order(self) -> list[tuple[str | None, int]] | None:
+        """The hour of each run of lines in file order, when sorting the hours would not give it; else None."""
+        if not self.unplaced and [hour for hour, _ in self.runs] == sorted(h for h, n in self.hours.items() if n):
+            return None
+        return [(format_hour(hour) if hour else None, count) for hour, count in self.runs]
 
 
 def new_compressor():

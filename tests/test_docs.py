@@ -215,10 +215,11 @@ def messages_the_program_prints(tmp_path, monkeypatch, caplog) -> list[str]:
     from azure.core.exceptions import HttpResponseError, ServiceRequestError
 
     connection = "DefaultEndpointsProtocol=https;AccountName=lake;AccountKey=a2V5;EndpointSuffix=core.windows.net"
-    uploader = azure_upload.Uploader(azure_upload.target_from({"AZURE_STORAGE_CONNECTION_STRING": connection}, "events", "p"))
+    target = azure_upload.target_from({"AZURE_STORAGE_CONNECTION_STRING": connection}, "events", "p")
+    uploader = azure_upload.Uploader(target)
     rejected = HttpResponseError(message="denied")
     rejected.status_code = 403
-    messages += [uploader._describe(ServiceRequestError("down")), uploader._describe(rejected)]
+    messages += [azure_upload.describe(target, ServiceRequestError("down")), azure_upload.describe(target, rejected)]
 
     class TakenBlob:
         def get_blob_properties(self):

@@ -1,0 +1,498 @@
+"""The lake stage (`--lake URI`): each window's events in a typed Delta table, each hour replaced exactly once.
+
+A window's file, once in place, is read back and written to the table in one commit that replaces exactly the
+window's hours (a predicate overwrite on `export_hour`, the hour of the archive member each event came in): a
+window exported again never duplicates a row, and readers see its old rows or its new ones, never half. The
+manifest then records the table's id and the commit's version (a LakeLoad line), which is how a later run knows what
+the table holds. Hours whose files are here but not in the table (a new table, one deleted or replaced, a run
+killed between the file and the commit) are loaded from those files, without a request to Amplitude.
+
+Optional: delta-rs and pyarrow come from requirements-lake.txt and are imported only when --lake is used. The
+schema is in lake_schema.py. Messages never carry a key or a SAS token: delta-rs's errors are scrubbed first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import logging
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from archive import read_lines
+from errors import ExportError
+from store import MANIFEST_NAME, Export, LakeLoad, append_manifest, file_state, manifest_lines, parse_line
+from windows import HOUR, format_hour, hours_between, iso_utc, now_utc
+
+log = logging.getLogger("fetch_data")
+
+PROJECT = Path(__file__).resolve().parent
+REQUIREMENTS_FILE = "requirements-lake.txt"
+BATCH_EVENTS = 65_536  # lines converted at a time: a few tens of megabytes of Arrow, whatever the day's size
+LINE_LIMIT = 1 << 40  # the files were checked line by line when exported: any length is read back
+COMMIT_ATTEMPTS = 5
+METADATA = "amplitude_export"  # the prefix of this program's keys in a commit's metadata
+AZURE_URI = re.compile(r"^(?:az|abfss?)://", re.IGNORECASE)
+
+
+class LakeError(ExportError):
+    """The table cannot be opened or written; the message names the table, never a credential."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LakeTarget:
+    """Where the table is and how to reach it: `uri` for delta-rs, `label` for messages and the manifest."""
+
+    uri: str
+    label: str
+    storage_options: dict = dataclasses.field(default_factory=dict, repr=False)
+    container: object = None  # an azure_upload.Target, to create the container with the Blob SDK
+
+    def secrets(self) -> list[str]:
+        return [value for key, value in self.storage_options.items() if key in ("account_key", "sas_key") and value]
+
+
+def ensure_installed() -> None:
+    """Raise ImportError with the file to install when the lake's packages are missing."""
+    try:
+        import deltalake  # noqa: F401
+        import pyarrow  # noqa: F401
+    except ImportError:
+        install = shlex.join([sys.executable, "-m", "pip", "install", "-r", str(PROJECT / REQUIREMENTS_FILE)])
+        raise ImportError(f"--lake needs the Delta Lake packages: {install}") from None
+
+
+def target_from(text: str, credentials, base: Path) -> LakeTarget:
+    """The table from --lake: a local folder (relative to `base`), or az:// or abfss:// with the Azure credentials
+    of --upload (a mapping by variable name); ValueError with a one-line reason when they do not add up."""
+    text = text.strip()
+    if not AZURE_URI.match(text):
+        if "://" in text:
+            raise ValueError(f"{text!r}: expected a folder, az://<container>/<path> or "
+                             "abfss://<container>@<account>.dfs.core.windows.net/<path>")
+        folder = (base / Path(text).expanduser()).resolve()
+        return LakeTarget(str(folder), str(folder))
+    container, account, path = parse_azure_uri(text)
+    import azure_upload
+
+    target = azure_upload.target_from(credentials, container, "", needed_by="an Azure URI")
+    options = storage_options(target, account)
+    return LakeTarget(f"az://{container}/{path}", text, options, target)
+
+
+def parse_azure_uri(text: str) -> tuple[str, str | None, str]:
+    """(container, account or None, path in the container) of az://container/path or
+    abfss://container@account.dfs.core.windows.net/path."""
+    parts = urlsplit(text)
+    if parts.query or parts.fragment or parts.password:
+        raise ValueError("an Azure URI takes no query, fragment or credentials (they go in the variables)")
+    container, _, host = parts.netloc.rpartition("@") if "@" in parts.netloc else (parts.netloc, "", "")
+    account = host.split(".")[0] if host else None
+    path = parts.path.strip("/")
+    if not path:
+        raise ValueError(f"{text!r}: name a folder in the container, e.g. az://{container or 'lake'}/amplitude")
+    from azure_upload import CONTAINER_NAME, check_prefix
+
+    if not CONTAINER_NAME.match(container):
+        raise ValueError(f"container name {container!r} is not valid in Azure: 3 to 63 lowercase letters, "
+                         "digits and single hyphens")
+    return container, account, check_prefix(path)
+
+
+def storage_options(target, account: str | None) -> dict[str, str]:
+    """delta-rs's options for the credentials --upload uses: a key, a SAS, or none (its own credential chain:
+    managed identity, Azure CLI, AZURE_CLIENT_ID and its kin)."""
+    from azure_upload import connection_fields
+
+    fields = connection_fields(target.connection_string) if target.connection_string else {}
+    name = fields.get("AccountName") or target.account
+    if account and account != name:
+        raise ValueError(f"the URI names account {account}, the Azure credentials are for account {name}")
+    options = {"account_name": name}
+    if fields.get("AccountKey"):
+        options["account_key"] = fields["AccountKey"]
+    sas = fields.get("SharedAccessSignature") or target.sas_token
+    if sas:
+        options["sas_key"] = sas.lstrip("?")
+    endpoint = urlsplit(target.account_url)
+    if not (endpoint.hostname or "").endswith(".core.windows.net"):  # Azurite, or another endpoint
+        options["azure_storage_endpoint"] = target.account_url
+    if endpoint.scheme == "http":  # loopback only: refused elsewhere when the target was read
+        options["allow_http"] = "true"
+    return options
+
+
+def open_lake(target: LakeTarget | None, data_dir: Path, policy: dict | None) -> Lake | None:
+    """The table of --lake, opened (or created) before anything is exported; None without --lake."""
+    if target is None:
+        return None
+    lake = Lake(target, data_dir, policy)
+    lake.open()
+    return lake
+
+
+class Lake:
+    """One Delta table, written window by window; one commit at a time, from one thread."""
+
+    def __init__(self, target: LakeTarget, data_dir: Path, policy: dict | None):
+        self.target = target
+        self.data_dir = data_dir
+        self.policy = policy
+        self.table = None
+        self.table_id = ""
+        self.loaded = 0  # files loaded by this run
+        self.misfits = 0
+        self.failure: str | None = None  # the first failure stops the stage; the next run loads what is missing
+
+    @property
+    def version(self) -> int | None:
+        return self.table.version() if self.table is not None else None
+
+    def open(self) -> None:
+        """The table at the URI, created (and its container) when missing."""
+        from deltalake import DeltaTable
+
+        from lake_schema import PARTITION_BY, SCHEMA
+
+        with self._described("open"):
+            if self.target.container is not None:
+                from azure_upload import UploadError, ensure_container
+
+                try:
+                    ensure_container(self.target.container)
+                except UploadError as exc:
+                    raise LakeError(f"the lake at {self.target.label}: {exc}") from None
+            if DeltaTable.is_deltatable(self.target.uri, storage_options=self.target.storage_options):
+                self.table = DeltaTable(self.target.uri, storage_options=self.target.storage_options)
+                self._check_schema()
+            else:
+                self.table = DeltaTable.create(
+                    self.target.uri, SCHEMA, mode="ignore", partition_by=PARTITION_BY,
+                    name="amplitude_events", description="Amplitude events exported by fetch_data.py",
+                    storage_options=self.target.storage_options,
+                )
+                log.info("Lake: created the Delta table at %s", self.target.label)
+            self.table_id = self.table.metadata().id
+
+    def send(self, record: Export) -> None:
+        """load() for the pipeline: a failure is kept, said once, and stops the stage for the rest of the run."""
+        if self.failure:
+            return
+        try:
+            self.load(record)
+        except (LakeError, FileChanged, OSError) as exc:
+            self.failure = str(exc) if not isinstance(exc, OSError) else f"cannot read {record.file}: {exc.strerror}"
+
+    def fill(self, records: list[Export], skip: set[dt.datetime]) -> None:
+        """Load the hours whose latest intact file under this run's field rules is not in the table yet, from those
+        files (no request to Amplitude); hours in `skip` are about to be exported again and are loaded then."""
+        loaded_keys = self.loaded_keys()
+        same_rules = [record for record in records if record.policy == self.policy]
+        todo = [(record, hours) for record, hours in latest_hours(same_rules, skip)
+                if record_key(record) not in loaded_keys]
+        if todo:
+            log.info("Lake: loading %d file(s) exported earlier into %s", len(todo), self.target.label)
+        for record, hours in todo:
+            state = file_state(record, self.data_dir, verify=False)
+            if state != "intact":
+                log.warning("Lake: %s is %s; its hours are not loaded (--verify exports them again)", record.file,
+                            "missing" if state == "gone" else "not the file recorded")
+                continue
+            try:
+                self.load(record, hours, check_sha256=True)
+            except FileChanged as exc:
+                log.warning("Lake: %s; its hours are not loaded (--verify exports them again)", exc)
+            except LakeError as exc:
+                self.failure = str(exc)
+                return
+
+    def load(self, record: Export, hours: set[dt.datetime] | None = None, check_sha256: bool = False) -> LakeLoad:
+        """One file's events (only those of `hours`, when given) in one commit that replaces exactly those hours;
+        recorded in the manifest."""
+        window = record.window
+        hours = set(hours_between(window.start, window.end)) if hours is None else hours
+        metadata = {f"{METADATA}.file": record.file, f"{METADATA}.sha256": record.sha256,
+                    f"{METADATA}.window": f"{record.start}-{record.end}",
+                    f"{METADATA}.policy": json.dumps(record.policy, sort_keys=True) if record.policy else "none"}
+        began = time.monotonic()
+        for attempt in range(1, COMMIT_ATTEMPTS + 1):
+            try:
+                with self._described(f"write {record.file} to"):
+                    self._write(record, hours, metadata, check_sha256)
+                break
+            except LakeConflict:
+                if attempt == COMMIT_ATTEMPTS:
+                    raise LakeError(f"the lake at {self.target.label}: {COMMIT_ATTEMPTS} commits in a row met "
+                                    "another writer's; the next run loads the file") from None
+                time.sleep(attempt)
+        line = LakeLoad(start=record.start, end=record.end, file=record.file, sha256=record.sha256,
+                    lake=self.target.label, table_id=self.table_id, version=self.table.version(),
+                    loaded_at=iso_utc(now_utc()))
+        append_manifest(self.data_dir / MANIFEST_NAME, line)
+        self.loaded += 1
+        log.info("Lake: %s loaded as version %d of %s (%d hour(s), %.1fs)", record.file, line.version,
+                 self.target.label, len(hours), time.monotonic() - began)
+        return line
+
+    def loaded_keys(self) -> set[bytes]:
+        """The (file, sha256) of every LakeLoad line for this table at a version it has reached: what it holds."""
+        version, keys = self.table.version(), set()
+        for _, line in manifest_lines(self.data_dir / MANIFEST_NAME, repair=False):
+            if b'"table_id"' not in line:
+                continue
+            try:
+                found = parse_line(line)
+            except ValueError:
+                continue
+            if (isinstance(found, LakeLoad) and found.lake == self.target.label and found.table_id == self.table_id
+                    and found.version <= version):
+                keys.add(record_key(found))
+        return keys
+
+    def maintain(self, retention_days: int) -> int:
+        """Compact small files, then remove the files no version younger than the retention needs; the version."""
+        with self._described("maintain"):
+            compacted = self.table.optimize.compact()
+            removed = self.table.vacuum(retention_hours=retention_days * 24, dry_run=False,
+                                        enforce_retention_duration=False)
+        log.info("Lake: %s compacted (%d file(s) into %d); %d file(s) unneeded for %d day(s) removed; version %d",
+                 self.target.label, compacted.get("numFilesRemoved", 0), compacted.get("numFilesAdded", 0),
+                 len(removed), retention_days, self.table.version())
+        return self.table.version()
+
+    def _write(self, record: Export, hours: set[dt.datetime], metadata: dict, check_sha256: bool) -> None:
+        import pyarrow as pa
+        from deltalake import CommitProperties, write_deltalake
+        from deltalake.exceptions import CommitFailedError
+
+        from lake_schema import SCHEMA, Converter
+
+        converter = Converter()
+        batches = Remembering(record_batches(self.data_dir / record.file, record, converter, hours, check_sha256))
+        reader = pa.RecordBatchReader.from_batches(SCHEMA, batches)
+        try:
+            write_deltalake(self.table, reader, mode="overwrite", predicate=hours_predicate(hours),
+                            commit_properties=CommitProperties(custom_metadata=metadata))
+        except CommitFailedError:
+            self.table.update_incremental()
+            raise LakeConflict() from None
+        except Exception:
+            if batches.failure is not None:  # what went wrong reading the file, not what delta-rs made of it
+                raise batches.failure from None
+            raise
+        if converter.misfits:
+            log.warning("Lake: %s: %d value(s) did not fit their column's type and are kept as JSON in other_fields",
+                        record.file, converter.misfits)
+        self.misfits += converter.misfits
+
+    def _check_schema(self) -> None:
+        from lake_schema import SCHEMA
+
+        found = {field.name for field in self.table.schema().fields}
+        missing = [field.name for field in SCHEMA if field.name not in found]
+        if missing:
+            raise LakeError(f"{self.target.label} holds a Delta table of another schema (no column {missing[0]}); "
+                            "give --lake a folder of its own")
+
+    def _described(self, doing: str):
+        return described(self.target, doing)
+
+
+class Remembering:
+    """An iterator that keeps the exception it raised: delta-rs reports it as an error of its own."""
+
+    def __init__(self, iterator):
+        self.iterator = iterator
+        self.failure: BaseException | None = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self.iterator)
+        except StopIteration:
+            raise
+        except BaseException as exc:
+            self.failure = exc
+            raise
+
+
+class LakeConflict(Exception):
+    """Another writer committed first: the commit is tried again."""
+
+
+class FileChanged(Exception):
+    """A file whose bytes are not the ones recorded: nothing of it is committed."""
+
+
+class described:
+    """delta-rs's and the filesystem's errors as one LakeError line that names the table and no secret."""
+
+    def __init__(self, target: LakeTarget, doing: str):
+        self.target, self.doing = target, doing
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, traceback):
+        if exc is None or isinstance(exc, (LakeError, LakeConflict, FileChanged, KeyboardInterrupt)):
+            return False
+        if isinstance(exc, Exception):
+            reason = scrub(" ".join(str(exc).split())[:300], self.target.secrets())
+            raise LakeError(f"cannot {self.doing} the lake at {self.target.label}: {type(exc).__name__}: {reason}") \
+                from None
+        return False
+
+
+def scrub(text: str, secrets: list[str]) -> str:
+    """The text without the secrets and without the query of any URL in it (where a SAS would be)."""
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return re.sub(r"\?[^\s\"')]*", "?***", text)
+
+
+def record_key(record) -> bytes:
+    return hashlib.blake2b(f"{record.file}\0{record.sha256}".encode(), digest_size=16).digest()
+
+
+def latest_hours(records: list[Export], skip: set[dt.datetime]) -> list[tuple[Export, set[dt.datetime]]]:
+    """Each record with the hours it is the latest record of (manifest order), less `skip`; records left with no
+    hour are left out. Pure: the files are checked by the caller."""
+    latest: dict[dt.datetime, int] = {}
+    for index, record in enumerate(records):
+        for hour in hours_between(record.window.start, record.window.end):
+            latest[hour] = index
+    hours_of: dict[int, set] = {}
+    for hour, index in latest.items():
+        if hour not in skip:
+            hours_of.setdefault(index, set()).add(hour)
+    return [(records[index], hours_of[index]) for index in sorted(hours_of)]
+
+
+def hours_predicate(hours: set[dt.datetime]) -> str:
+    """The predicate of exactly these hours: export_date bounds (so untouched days are not even read), then each
+    run of consecutive hours as a range of export_hour."""
+    ordered = sorted(hours)
+    runs, first = [], ordered[0]
+    for previous, hour in zip(ordered, ordered[1:], strict=False):
+        if hour - previous != HOUR:
+            runs.append((first, previous))
+            first = hour
+    runs.append((first, ordered[-1]))
+    ranges = " OR ".join(f"(export_hour >= '{start:%Y-%m-%dT%H}:00:00Z' AND export_hour <= '{end:%Y-%m-%dT%H}:00:00Z')"
+                         for start, end in runs)
+    return f"export_date >= '{ordered[0]:%Y-%m-%d}' AND export_date <= '{ordered[-1]:%Y-%m-%d}' AND ({ranges})"
+
+
+def line_hours(record: Export) -> list[tuple[dt.datetime, int]]:
+    """The export hour of each run of the file's lines, in order: the member's hour, or the window's first hour for
+    a member that named none or named an hour outside the window."""
+    window = record.window
+    if record.runs is not None:
+        runs = [(hour_or_none(text), count) for text, count in record.runs]
+    elif record.hours is not None:
+        runs = [(hour_or_none(text), count) for text, count in sorted(record.hours.items()) if count]
+    else:
+        log.warning("Lake: %s does not record its events' hours; all of them go under %s", record.file,
+                    format_hour(window.start))
+        runs = [(window.start, record.events)]
+    return [(hour if hour is not None and window.start <= hour <= window.end else window.start, count)
+            for hour, count in runs]
+
+
+def hour_or_none(text: str | None) -> dt.datetime | None:
+    return dt.datetime.strptime(text, "%Y%m%dT%H").replace(tzinfo=dt.UTC) if text else None
+
+
+def record_batches(path: Path, record: Export, converter, hours: set[dt.datetime], check_sha256: bool):
+    """The file's events as record batches of the hours wanted; FileChanged, before the commit, when the file's
+    bytes are not the recorded ones or its lines do not add up to its events."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    runs = line_hours(record)
+    wanted = pa.array(sorted(hours), pa.timestamp("us", tz="UTC"))
+    every_hour = set(hours) >= {hour for hour, _ in runs}
+    digest = hashlib.sha256() if check_sha256 else None
+    count = 0
+    for lines in event_lines(path, digest):
+        batch_runs = take_runs(runs, len(lines))
+        if batch_runs is None:
+            raise FileChanged(f"{record.file} holds more events than the {record.events} recorded")
+        batch = converter.batch(lines, batch_runs)
+        count += len(lines)
+        yield batch if every_hour else batch.filter(pc.is_in(batch.column("export_hour"), wanted))
+    if count != record.events or (digest and digest.hexdigest() != record.sha256):
+        raise FileChanged(f"{record.file} is not the file recorded (its events or sha256 differ)")
+
+
+def take_runs(runs: list[tuple[dt.datetime, int]], lines: int) -> list[tuple[dt.datetime, int]] | None:
+    """The runs of the next `lines` lines, taken off the front of `runs`; None when there are not enough."""
+    taken = []
+    while lines:
+        if not runs:
+            return None
+        hour, count = runs[0]
+        used = min(count, lines)
+        taken.append((hour, used))
+        lines -= used
+        if used == count:
+            runs.pop(0)
+        else:
+            runs[0] = (hour, count - used)
+    return taken
+
+
+def event_lines(path: Path, digest=None):
+    """The event lines of an exported file (JSON array or JSON lines, gzipped or not) in batches, hashing its bytes
+    into `digest` as they are read."""
+    with open(path, "rb") as raw:
+        source = HashingReader(raw, digest) if digest else raw
+        if path.name.endswith(".gz"):
+            from isal import igzip
+
+            source = igzip.IGzipFile(fileobj=source, mode="rb")
+        pending: list[bytes] = []
+        for _, _, lines in read_lines(source, path.name, LINE_LIMIT):
+            for line in lines:
+                if line in (b"[", b"]", b"[]", b""):
+                    continue
+                pending.append(line[:-1] if line.endswith(b",") else line)
+            if len(pending) >= BATCH_EVENTS:
+                yield pending
+                pending = []
+        if digest:
+            while source.read(1 << 20):  # the bytes after the last line (a gzip trailer) count too
+                pass
+        if pending:
+            yield pending
+
+
+class HashingReader:
+    """A binary file whose bytes go through a hash as they are read."""
+
+    def __init__(self, raw, digest):
+        self.raw, self.digest = raw, digest
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.digest.update(data)
+        return data
+
+    def readinto(self, buffer) -> int:
+        count = self.raw.readinto(buffer)
+        self.digest.update(memoryview(buffer)[:count])
+        return count
+
+    def readable(self) -> bool:
+        return True
+
+    def __getattr__(self, name):
+        return getattr(self.raw, name)
