@@ -3,6 +3,7 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,40 @@ class Cli:
 @pytest.fixture
 def cli(tmp_path, standin):
     return Cli(tmp_path, standin)
+
+
+# Azurite, started by test.sh: its address and key come in AZURITE_* variables.
+
+
+@pytest.fixture(scope="session")
+def azurite():
+    names = ("AZURITE_BLOB_ENDPOINT", "AZURITE_ACCOUNT", "AZURITE_KEY")
+    if not all(os.environ.get(n) for n in names):
+        message = "Azurite is not running: run the tests with `bash test.sh`"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    endpoint, account, key = (os.environ[n] for n in names)
+    return {
+        "account": account,
+        "key": key,
+        "account_url": f"{endpoint}/{account}",
+        "connection_string": (
+            f"DefaultEndpointsProtocol=http;AccountName={account};AccountKey={key};BlobEndpoint={endpoint}/{account};"
+        ),
+    }
+
+
+@pytest.fixture
+def container_name():
+    return f"t-{uuid.uuid4().hex[:16]}"
+
+
+@pytest.fixture
+def service(azurite):
+    from azure.storage.blob import BlobServiceClient
+
+    return BlobServiceClient.from_connection_string(azurite["connection_string"])
 
 
 def assert_no_secrets(result: subprocess.CompletedProcess, cli: Cli) -> None:

@@ -3,11 +3,9 @@
 import datetime as dt
 import hashlib
 import json
-import os
 import shlex
 import socket
 import sys
-import uuid
 
 import pytest
 
@@ -15,37 +13,6 @@ import azure_upload
 from tests.conftest import API_KEY, SECRET_KEY, assert_no_secrets
 
 DAY = ("--date", "2025-11-01")
-
-
-@pytest.fixture(scope="session")
-def azurite():
-    names = ("AZURITE_BLOB_ENDPOINT", "AZURITE_ACCOUNT", "AZURITE_KEY")
-    if not all(os.environ.get(n) for n in names):
-        message = "Azurite is not running: run the tests with `bash test.sh`"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    endpoint, account, key = (os.environ[n] for n in names)
-    return {
-        "account": account,
-        "key": key,
-        "account_url": f"{endpoint}/{account}",
-        "connection_string": (
-            f"DefaultEndpointsProtocol=http;AccountName={account};AccountKey={key};BlobEndpoint={endpoint}/{account};"
-        ),
-    }
-
-
-@pytest.fixture
-def container_name():
-    return f"t-{uuid.uuid4().hex[:16]}"
-
-
-@pytest.fixture
-def service(azurite):
-    from azure.storage.blob import BlobServiceClient
-
-    return BlobServiceClient.from_connection_string(azurite["connection_string"])
 
 
 def upload_env(azurite, container_name, **extra):

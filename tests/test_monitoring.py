@@ -167,13 +167,8 @@ def test_a_metrics_file_node_exporter_would_not_read_is_refused(cli, standin, tm
     assert "node_exporter reads files named *.prom only" in result.stderr
 
 
-def test_the_summary_counts_uploads(cli, standin, tmp_path):
-    import os
-
-    if not os.environ.get("AZURITE_BLOB_ENDPOINT"):
-        (pytest.fail if os.environ.get("CI") else pytest.skip)("Azurite is not running: run the tests with `bash test.sh`")
-    endpoint, account, key = (os.environ[n] for n in ("AZURITE_BLOB_ENDPOINT", "AZURITE_ACCOUNT", "AZURITE_KEY"))
-    connection = f"DefaultEndpointsProtocol=http;AccountName={account};AccountKey={key};BlobEndpoint={endpoint}/{account};"
+def test_the_summary_counts_uploads(cli, standin, azurite):
+    connection = azurite["connection_string"]
     result = cli.run("--start", "2025-11-01", "--end", "2025-11-02", "--upload", "--json",
                      AZURE_STORAGE_CONNECTION_STRING=connection, AZURE_STORAGE_CONTAINER="summary-uploads")
     assert result.returncode == 0, result.stderr
