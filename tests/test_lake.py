@@ -1,0 +1,428 @@
+"""--lake: the typed Delta table, written by real runs against the stand-in and read back by delta-rs and Polars
+(Spark reads it in test_lake_spark.py; Azure paths against Azurite at the end)."""
+
+import datetime as dt
+import json
+import os
+import random
+import signal
+import time
+
+import polars as pl
+import pyarrow as pa
+import pytest
+from deltalake import DeltaTable
+
+import lake
+import lake_schema
+from amplitude_standin import make_event, member_name
+from tests.conftest import API_KEY, SECRET_KEY, hour
+
+DAY = ("--date", "2025-11-01")
+UTC = dt.UTC
+
+
+def table_rows(uri, **options) -> list[dict]:
+    return DeltaTable(uri, storage_options=options or None).to_pyarrow_table().to_pylist()
+
+
+def exported_events(cli) -> list[dict]:
+    """Every event of the current export files, as json.loads gives them."""
+    events = []
+    for record in cli.manifest():
+        if "events" in record and (cli.data / record["file"]).exists():
+            text = (cli.data / record["file"]).read_text()
+            events += json.loads(text) if record["file"].endswith(".json") else [json.loads(x) for x in text.splitlines()]
+    return events
+
+
+def canonical(events) -> list[str]:
+    return sorted(json.dumps(event, sort_keys=True) for event in events)
+
+
+def lake_lines(cli) -> list[dict]:
+    return [line for line in cli.manifest() if "table_id" in line]
+
+
+# The schema: every event rebuilt from its row.
+
+
+def standin_lines(count=2000, seed=7):
+    rng = random.Random(seed)
+    start = hour("20251101T00")
+    return [make_event(start, index % 2, index, rng) for index in range(count)]
+
+
+ODD_LINES = [
+    b'{"event_type":"a","newkey":{"a": 1},"app":1}',
+    b'{"event_type":"b","paying":"yes","location_lat":52,"event_id":"x","user_id":null,"is_attribution_event":false}',
+    b'{"event_type":"\\ud800x","event_time":"2022-02-31 00:00:00.000000","user_id":"\\"q\\u00e9",'
+    b'"amplitude_id":99999999999999999999}',
+    b'{"event_type":"c","event_time":"2022-01-01T00:00:00","amplitude_id":-9223372036854775808,'
+    b'"session_id":9223372036854775808,"data":null,"groups":[1,2.50,1e5],"event_properties":{}}',
+    b'{"event_type":"d","\\ud801k":1, "e\\u0301":true, "$schema":12, "sample_rate":null}',
+    b'{"event_type":"e","user_id":"first","user_id":"second","location_lng":-1.5e-3}',
+    b'{"event_type":"f","event_time":"2025-11-01 00:00:06.000001","amplitude_id":9223372036854775807,"app":-0}',
+]
+
+
+def test_every_event_of_the_archives_rebuilds_from_its_row():
+    converter = lake_schema.Converter()
+    for lines in (standin_lines(), ODD_LINES, standin_lines(300, seed=3) + ODD_LINES):
+        batch = converter.batch(lines, [(hour("20251101T00"), len(lines))])
+        assert batch.schema == lake_schema.SCHEMA
+        rebuilt = [lake_schema.rebuild_event(row) for row in batch.to_pylist()]
+        assert rebuilt == [json.loads(line) for line in lines]
+
+
+def test_values_get_their_natural_types_and_misfits_are_kept_as_json():
+    converter = lake_schema.Converter()
+    rows = converter.batch(ODD_LINES, [(hour("20251101T05"), len(ODD_LINES))]).to_pylist()
+    assert rows[1]["paying"] is None and json.loads(rows[1]["other_fields"]) == {"paying": "yes", "event_id": "x"}
+    assert rows[1]["location_lat"] == 52.0 and rows[1]["is_attribution_event"] is False
+    assert rows[2]["event_time"] is None and rows[2]["amplitude_id"] is None and rows[2]["user_id"] == '"qé'
+    assert rows[3]["amplitude_id"] == -(2**63) and rows[3]["session_id"] is None
+    assert rows[3]["groups"] == "[1,2.50,1e5]" and rows[3]["event_properties"] == "{}" and rows[3]["data"] is None
+    assert "data" not in json.loads(rows[3]["absent_fields"])  # null, not missing
+    assert rows[6]["event_time"] == dt.datetime(2025, 11, 1, 0, 0, 6, 1, tzinfo=UTC)
+    assert rows[6]["amplitude_id"] == 2**63 - 1
+    assert json.loads(rows[4]["other_fields"]) == {"e\u0301": True, "$schema": 12, "sample_rate": None, "\ud801k": 1}
+    assert all(row["export_hour"] == hour("20251101T05") for row in rows)
+    assert all(row["export_date"] == dt.date(2025, 11, 1) for row in rows)
+    # paying and event_id (line 1), event_type, event_time and amplitude_id (line 2), event_time and
+    # session_id (line 3): seven values that do not fit their column.
+    assert converter.misfits == 7
+
+
+def test_property_maps_keep_the_text_amplitude_sent():
+    line = b'{"event_type":"a","event_properties":{"x": 1.10, "y": "\\u00e9\\/", "z": 1e5},"user_properties":{ }}'
+    row = lake_schema.Converter().batch([line], [(hour("20251101T00"), 1)]).to_pylist()[0]
+    assert row["event_properties"] == '{"x": 1.10, "y": "\\u00e9\\/", "z": 1e5}'
+    assert row["user_properties"] == "{ }"
+
+
+def test_a_key_amplitude_adds_tomorrow_is_learnt_once_and_kept():
+    converter = lake_schema.Converter()
+    lines = [b'{"event_type":"a","new_field":[1,{"b":2}]}', b'{"event_type":"b"}', b'{"event_type":"c","new_field":3}']
+    rows = converter.batch(lines, [(hour("20251101T00"), 3)]).to_pylist()
+    assert converter.extra_keys == ["new_field"]
+    assert [row["other_fields"] for row in rows] == ['{"new_field":[1,{"b":2}]}', None, '{"new_field":3}']
+    assert converter.misfits == 0
+
+
+def test_export_hours_come_from_the_members_never_from_event_times():
+    record = lake.Export(start="20251101T00", end="20251101T02", file="f.json", events=6, size=1, sha256="0" * 64,
+                         finished_at="x", hours={"20251101T00": 2, "20251101T02": 1, "20251103T07": 3})
+    assert lake.line_hours(record) == [(hour("20251101T00"), 2), (hour("20251101T02"), 1), (hour("20251101T00"), 3)]
+    record.runs = [(None, 2), ("20251101T01", 4)]
+    assert lake.line_hours(record) == [(hour("20251101T00"), 2), (hour("20251101T01"), 4)]
+    runs = lake.line_hours(record)
+    assert lake.take_runs(runs, 3) == [(hour("20251101T00"), 2), (hour("20251101T01"), 1)]
+    assert lake.take_runs(runs, 3) == [(hour("20251101T01"), 3)]
+    assert lake.take_runs(runs, 1) is None
+
+
+def test_the_predicate_names_exactly_the_hours_replaced():
+    hours = {hour("20251101T22"), hour("20251101T23"), hour("20251102T00"), hour("20251102T05")}
+    assert lake.hours_predicate(hours) == (
+        "export_date >= '2025-11-01' AND export_date <= '2025-11-02' AND "
+        "((export_hour >= '2025-11-01T22:00:00Z' AND export_hour <= '2025-11-02T00:00:00Z') OR "
+        "(export_hour >= '2025-11-02T05:00:00Z' AND export_hour <= '2025-11-02T05:00:00Z'))"
+    )
+
+
+def test_each_hour_goes_in_from_its_latest_file():
+    def record(name, start, end):
+        return lake.Export(start=start, end=end, file=name, events=0, size=0, sha256="0" * 64, finished_at="x")
+
+    day, refetched, next_day = (record("a", "20251101T00", "20251101T23"), record("b", "20251101T05", "20251101T06"),
+                                record("c", "20251102T00", "20251102T23"))
+    latest = lake.latest_hours([day, refetched, next_day], skip={hour("20251102T03")})
+    assert [(r.file, len(hours)) for r, hours in latest] == [("a", 22), ("b", 2), ("c", 23)]
+    assert hour("20251101T05") not in latest[0][1]
+
+
+# Runs: the table written, read back, and kept exact.
+
+
+def test_a_day_goes_into_a_typed_table_readers_count_exactly(cli, standin):
+    # Polars cannot read a local table whose path holds a space (delta-rs hands it percent-encoded file paths).
+    table = cli.workdir.parent / "lake"
+    result = cli.run(*DAY, "--lake", str(table), "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.splitlines()[-1])
+    rows = table_rows(table)
+    assert canonical(lake_schema.rebuild_event(row) for row in rows) == canonical(exported_events(cli))
+    (loaded,) = lake_lines(cli)
+    found = DeltaTable(table)
+    assert loaded["table_id"] == found.metadata().id and loaded["version"] == found.version() == summary["lake_version"]
+    assert isinstance(loaded["version"], int)
+    protocol = found.protocol()
+    assert (protocol.min_reader_version, protocol.min_writer_version) == (1, 2)
+    assert not protocol.reader_features and not protocol.writer_features  # no timestampNtz: Synapse reads it
+    assert found.metadata().partition_columns == ["export_date"]
+
+    frame = pl.scan_delta(str(table)).collect()
+    assert frame.schema["event_time"] == pl.Datetime("us", "UTC") and frame.schema["amplitude_id"] == pl.Int64
+    assert frame.schema["location_lat"] == pl.Float64 and frame.schema["event_properties"] == pl.String
+    per_hour = dict(frame.group_by("export_hour").len().iter_rows())
+    export = next(line for line in cli.manifest() if "events" in line)
+    assert {f"{h:%Y%m%dT%H}": n for h, n in per_hour.items()} == {h: n for h, n in export["hours"].items() if n}
+    assert frame["event_id"].sum() == sum(event["event_id"] for event in exported_events(cli))
+    commit = found.history(1)[0]
+    assert commit["amplitude_export.file"] == export["file"] and commit["amplitude_export.policy"] == "none"
+
+
+@pytest.mark.quick
+def test_refetching_replaces_the_hours_and_never_duplicates(cli, standin):
+    assert cli.run(*DAY, "--lake", "lake").returncode == 0
+    first = table_rows(cli.workdir / "lake")
+    result = cli.run("--start", "20251101T05", "--end", "20251101T06", "--refetch", "--lake", "lake", "--window-hours", "1")
+    assert result.returncode == 0, result.stderr
+    again = table_rows(cli.workdir / "lake")
+    assert canonical(map(lake_schema.rebuild_event, again)) == canonical(map(lake_schema.rebuild_event, first))
+    assert len({row["uuid"] for row in again}) == len(again)
+    assert [line["version"] for line in lake_lines(cli)] == [1, 2, 3]
+
+
+def test_a_deleted_or_replaced_table_is_refilled_from_the_files_without_asking_amplitude(cli, standin):
+    import shutil
+
+    assert cli.run("--start", "2025-11-01", "--end", "2025-11-02", "--lake", "lake").returncode == 0
+    expected = canonical(exported_events(cli))
+    asked = len(standin.requests)
+    result = cli.run("--start", "2025-11-01", "--end", "2025-11-02", "--lake", "lake")
+    assert result.returncode == 0 and "loading" not in result.stderr  # the table has them
+    shutil.rmtree(cli.workdir / "lake")
+    result = cli.run("--start", "2025-11-01", "--end", "2025-11-02", "--lake", "lake")
+    assert result.returncode == 0, result.stderr
+    assert "Lake: loading 2 file(s) exported earlier" in result.stderr
+    assert canonical(map(lake_schema.rebuild_event, table_rows(cli.workdir / "lake"))) == expected
+    assert len(standin.requests) == asked
+    ids = {line["table_id"] for line in lake_lines(cli)}
+    assert len(ids) == 2  # the new table's id: the old lines no longer count
+
+
+def test_a_year_of_files_becomes_a_table_with_no_request(cli, standin):
+    assert cli.run("--start", "2025-11-01", "--end", "2025-11-03").returncode == 0
+    asked = len(standin.requests)
+    result = cli.run("--start", "2025-11-01", "--end", "2025-11-03", "--lake", "lake")
+    assert result.returncode == 0, result.stderr
+    assert len(standin.requests) == asked
+    assert canonical(map(lake_schema.rebuild_event, table_rows(cli.workdir / "lake"))) == canonical(exported_events(cli))
+
+
+def test_a_file_changed_after_export_is_not_loaded(cli, standin):
+    assert cli.run(*DAY).returncode == 0
+    (output,) = cli.outputs()
+    output.write_bytes(output.read_bytes().replace(b"Berlin", b"Berlix"))  # same size, other bytes
+    result = cli.run(*DAY, "--lake", "lake")
+    assert result.returncode == 0
+    assert "is not the file recorded" in result.stderr and "--verify exports them again" in result.stderr
+    assert table_rows(cli.workdir / "lake") == []
+    result = cli.run(*DAY, "--lake", "lake", "--verify")
+    assert result.returncode == 0, result.stderr
+    latest = [line for line in cli.manifest() if "events" in line][-1]
+    assert canonical(map(lake_schema.rebuild_event, table_rows(cli.workdir / "lake"))) == canonical(
+        json.loads((cli.data / latest["file"]).read_text()))
+
+
+def test_field_rules_apply_before_the_table_and_never_mix_in_an_hour(cli, standin):
+    key = "k" * 40
+    rules = ("--drop-fields", "ip_address,user_properties.plan", "--hash-fields", "user_id")
+    result = cli.run(*DAY, "--lake", "lake", *rules, AMP_HASH_KEY=key)
+    assert result.returncode == 0, result.stderr
+    rows = table_rows(cli.workdir / "lake")
+    assert all(row["ip_address"] is None and "ip_address" in json.loads(row["absent_fields"]) for row in rows)
+    assert all("plan" not in json.loads(row["user_properties"]) for row in rows)
+    assert all(len(row["user_id"]) == 64 and not row["user_id"].startswith("user-") for row in rows)
+    assert canonical(map(lake_schema.rebuild_event, rows)) == canonical(exported_events(cli))
+    policy = json.loads(DeltaTable(cli.workdir / "lake").history(1)[0]["amplitude_export.policy"])
+    assert policy["dropped"] == ["ip_address", "user_properties.plan"] and policy["hashed"] == ["user_id"]
+    assert key not in json.dumps(policy)
+
+    result = cli.run(*DAY, "--lake", "lake")  # no rules now: the hours are exported again and replaced whole
+    assert result.returncode == 0, result.stderr
+    rows = table_rows(cli.workdir / "lake")
+    latest = [line for line in cli.manifest() if "events" in line][-1]
+    assert "policy" not in latest and len(rows) == latest["events"]
+    assert all(row["user_id"].startswith("user-") and row["ip_address"] for row in rows)
+
+
+def test_members_without_an_hour_or_outside_the_window_go_under_its_first_hour(cli, standin):
+    rng = random.Random(1)
+    named = [make_event(hour("20251101T03"), 0, i, rng) for i in range(3)]
+    stray = [make_event(hour("20251105T09"), 0, i, rng) for i in range(2)]
+    nameless = [make_event(hour("20251101T04"), 0, i, rng) for i in range(4)]
+    import gzip
+
+    members = [(member_name(hour("20251105T09"), 0), gzip.compress(b"\n".join(stray))),
+               (member_name(hour("20251101T03"), 0), gzip.compress(b"\n".join(named))),
+               ("export/other.json.gz", gzip.compress(b"\n".join(nameless)))]
+    standin.add_fault("members", members=members)
+    result = cli.run(*DAY, "--lake", "lake")
+    assert result.returncode == 0, result.stderr
+    assert "outside the window" in result.stderr
+    by_hour = {}
+    for row in table_rows(cli.workdir / "lake"):
+        by_hour[row["export_hour"]] = by_hour.get(row["export_hour"], 0) + 1
+    assert by_hour == {hour("20251101T00"): 6, hour("20251101T03"): 3}
+
+
+@pytest.mark.slow
+def test_kill_9_at_any_moment_leaves_a_readable_table_and_the_next_run_completes_it(cli, standin):
+    standin.events_per_part = 400
+    args = ("--start", "2025-11-01", "--end", "2025-11-04", "--lake", "lake")
+    table = cli.workdir / "lake"
+
+    def exports():
+        return len([line for line in cli.manifest() if "events" in line]) if cli.data.exists() else 0
+
+    moments = [  # killed when each becomes true: between a file and its commit, mid-write, between commit and line
+        lambda: exports() >= 1,
+        lambda: any(table.rglob("*.parquet")),
+        lambda: len(list(table.glob("_delta_log/*.json"))) >= 3,
+        lambda: exports() >= 3,
+    ]
+    for moment in moments:
+        process = cli.start(*args)
+        wait_for(lambda process=process, moment=moment: moment() or process.poll() is not None)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        if (table / "_delta_log").exists():
+            rows = table_rows(table)
+            assert len({row["uuid"] for row in rows}) == len(rows)  # every hour at most once
+    result = cli.run(*args)
+    assert result.returncode == 0, result.stderr
+    rows = table_rows(table)
+    assert canonical(map(lake_schema.rebuild_event, rows)) == canonical(exported_events(cli))
+
+
+def wait_for(condition, seconds=60):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
+
+
+def test_parallel_windows_commit_one_at_a_time(cli, standin):
+    result = cli.run("--start", "2025-11-01", "--end", "2025-11-04", "--workers", "3", "--lake", "lake")
+    assert result.returncode == 0, result.stderr
+    assert sorted(line["version"] for line in lake_lines(cli)) == [1, 2, 3, 4]
+    assert canonical(map(lake_schema.rebuild_event, table_rows(cli.workdir / "lake"))) == canonical(exported_events(cli))
+
+
+def test_lake_maintain_compacts_and_vacuums(cli, standin):
+    assert cli.run(*DAY, "--lake", "lake", "--window-hours", "1").returncode == 0
+    before = DeltaTable(cli.workdir / "lake")
+    files_before, rows_before = len(before.file_uris()), before.to_pyarrow_table().num_rows
+    result = cli.run("--lake", "lake", "--lake-maintain", "--lake-retention-days", "0", "--json")
+    assert result.returncode == 0, result.stderr
+    after = DeltaTable(cli.workdir / "lake")
+    assert len(after.file_uris()) < files_before and after.to_pyarrow_table().num_rows == rows_before
+    parquet = list((cli.workdir / "lake").rglob("*.parquet"))
+    assert len(parquet) == len(after.file_uris())  # the replaced files are gone from the folder
+    assert json.loads(result.stdout.splitlines()[-1])["lake_version"] == after.version()
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize(("args", "env", "message"), [
+    (("--lake-maintain",), {}, "--lake-maintain needs --lake"),
+    (("--lake", "s3://bucket/t"), {}, "--lake: 's3://bucket/t': expected a folder"),
+    (("--lake", "az://events/t"), {}, "--lake: an Azure URI needs AZURE_STORAGE_CONNECTION_STRING"),
+    (("--lake", "az://events/t"), {"AZURE_STORAGE_ACCOUNT_URL": "http://storage.example.com/acc"},
+     "the credentials and the data would travel unencrypted to storage.example.com"),
+    (("--lake", "az://Bad_Name/t"), {"AZURE_STORAGE_ACCOUNT_URL": "https://acc.blob.core.windows.net"},
+     "container name 'Bad_Name' is not valid"),
+    (("--lake", "az://events"), {"AZURE_STORAGE_ACCOUNT_URL": "https://acc.blob.core.windows.net"},
+     "name a folder in the container"),
+    (("--lake", "abfss://events@other.dfs.core.windows.net/t"),
+     {"AZURE_STORAGE_ACCOUNT_URL": "https://acc.blob.core.windows.net"},
+     "the URI names account other, the Azure credentials are for account acc"),
+    (("--lake", "az://events/t?sig=abc"), {"AZURE_STORAGE_ACCOUNT_URL": "https://acc.blob.core.windows.net"},
+     "an Azure URI takes no query"),
+    (("--lake-retention-days", "-1", "--lake", "x", "--lake-maintain"), {}, "--lake-retention-days"),
+])
+def test_bad_lake_settings_are_one_line_and_exit_2(cli, standin, args, env, message):
+    result = cli.run(*DAY, *args, **env)
+    assert result.returncode == 2
+    assert message in result.stderr and result.stderr.count("\n") <= 2 and "Traceback" not in result.stderr
+    assert standin.requests == []
+
+
+@pytest.mark.quick
+def test_lake_without_its_packages_says_which_file_to_install(cli, standin, tmp_path):
+    shadow = tmp_path / "shadow" / "deltalake"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('no deltalake here')")
+    result = cli.run(*DAY, "--lake", "lake", PYTHONPATH=str(tmp_path / "shadow"))
+    assert result.returncode == 2
+    assert "--lake needs the Delta Lake packages" in result.stderr and "requirements-lake.txt" in result.stderr
+    assert standin.requests == []
+
+
+def test_a_table_of_another_schema_is_refused(cli, standin):
+    import deltalake
+
+    deltalake.write_deltalake(cli.workdir / "lake", pa.table({"a": [1]}))
+    result = cli.run(*DAY, "--lake", "lake")
+    assert result.returncode == 1
+    assert "holds a Delta table of another schema" in result.stderr and "Traceback" not in result.stderr
+    assert standin.requests == []
+
+
+def test_secrets_are_scrubbed_from_delta_errors():
+    text = lake.scrub("GET https://acc.blob.core.windows.net/c/t?sv=1&sig=SECRETSIG failed: key S3cr3tKey",
+                      ["S3cr3tKey"])
+    assert "SECRETSIG" not in text and "S3cr3tKey" not in text
+
+
+# Azure, against Azurite.
+
+
+def test_an_azure_table_is_written_and_read_through_azurite(cli, standin, azurite, container_name, service):
+    env = {"AZURE_STORAGE_CONNECTION_STRING": azurite["connection_string"]}
+    result = cli.run(*DAY, "--lake", f"az://{container_name}/events", "--upload", "--json",
+                     AZURE_STORAGE_CONTAINER=container_name, **env)
+    assert result.returncode == 0, result.stderr
+    options = {"account_name": azurite["account"], "account_key": azurite["key"],
+               "azure_storage_endpoint": azurite["account_url"], "allow_http": "true"}
+    rows = table_rows(f"az://{container_name}/events", **options)
+    assert canonical(map(lake_schema.rebuild_event, rows)) == canonical(exported_events(cli))
+    names = [blob.name for blob in service.get_container_client(container_name).list_blobs()]
+    assert any(name.startswith("events/_delta_log/") for name in names)
+    assert any(name.startswith("amplitude/events/date=2025-11-01/") for name in names)  # --upload beside it
+    for text in (result.stdout, result.stderr, cli.everything_written()):
+        assert azurite["key"] not in text and API_KEY not in text and SECRET_KEY not in text
+    assert lake_lines(cli)[0]["lake"] == f"az://{container_name}/events"
+
+
+def test_an_azure_table_with_a_sas_and_one_with_a_wrong_key(cli, standin, azurite, container_name, service):
+    from azure.storage.blob import AccountSasPermissions, ResourceTypes, generate_account_sas
+
+    sas = generate_account_sas(azurite["account"], azurite["key"], ResourceTypes(service=True, container=True, object=True),
+                               AccountSasPermissions(read=True, write=True, delete=True, list=True, create=True, add=True),
+                               expiry=dt.datetime.now(UTC) + dt.timedelta(hours=1))
+    env = {"AZURE_STORAGE_ACCOUNT_URL": azurite["account_url"], "AZURE_STORAGE_SAS_TOKEN": sas}
+    result = cli.run(*DAY, "--lake", f"az://{container_name}/sas", **env)
+    assert result.returncode == 0, result.stderr
+    assert sas not in result.stderr + cli.everything_written()
+    wrong = azurite["connection_string"].replace(azurite["key"], "d3Jvbmcta2V5LXdyb25nLWtleQ==")
+    result = cli.run(*DAY, "--lake", f"az://{container_name}/wrong", AZURE_STORAGE_CONNECTION_STRING=wrong)
+    assert result.returncode == 1
+    assert "d3Jvbmcta2V5" not in result.stderr and "Traceback" not in result.stderr
+    assert len([line for line in result.stderr.splitlines() if line.startswith("Error") or " - ERROR - " in line]) >= 1
+
+
+def test_environment_is_not_needed_for_a_local_lake(cli, standin):
+    env = {name: None for name in os.environ if name.startswith("AZURE_")}
+    result = cli.run(*DAY, "--lake", str(cli.workdir / "abs lake"), **env)
+    assert result.returncode == 0, result.stderr
+    assert DeltaTable(cli.workdir / "abs lake").to_pyarrow_table().num_rows == len(exported_events(cli))
+
+
+def test_the_lake_variable_is_relative_to_its_env_file(cli, standin):
+    (cli.project / ".env").write_text("AMP_LAKE=tables/events\n")
+    result = cli.run(*DAY)
+    assert result.returncode == 0, result.stderr
+    assert DeltaTable(cli.project / "tables" / "events").version() == 1
