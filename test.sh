@@ -77,6 +77,20 @@ if [ ! -x /usr/bin/chromium ]; then
     fi
 fi
 
+# Spark and Airflow read what the exporter makes, each from a virtual environment of its own (their dependencies
+# would otherwise pin the exporter's). The tests that use them are marked slow.
+for tool in spark airflow; do
+    envdir=".test-envs/$tool"
+    wanted_stamp=$(stamp_of "tests/requirements-$tool.txt")
+    if [ "$(cat "$envdir/.requirements-stamp" 2>/dev/null)" != "$wanted_stamp" ]; then
+        rm -rf "$envdir"
+        "$python" -m venv "$envdir"
+        "$envdir/bin/python" -m pip install --quiet --disable-pip-version-check -r "tests/requirements-$tool.txt"
+        echo "$wanted_stamp" >"$envdir/.requirements-stamp"
+    fi
+done
+export SPARK_PYTHON="$PWD/.test-envs/spark/bin/python" AIRFLOW_PYTHON="$PWD/.test-envs/airflow/bin/python"
+
 rm -rf "$work/azurite"
 mkdir -p "$work/azurite"
 azurite_pid=""
