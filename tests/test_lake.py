@@ -16,6 +16,8 @@ from deltalake import DeltaTable
 import lake
 import lake_schema
 from amplitude_standin import make_event, member_name
+from errors import UsageError
+from settings import parse_settings
 from tests.conftest import API_KEY, SECRET_KEY, hour
 
 DAY = ("--date", "2025-11-01")
@@ -343,10 +345,17 @@ def test_lake_maintain_compacts_and_vacuums(cli, standin):
      "an Azure URI takes no query"),
     (("--lake-retention-days", "-1", "--lake", "x", "--lake-maintain"), {}, "--lake-retention-days"),
 ])
-def test_bad_lake_settings_are_one_line_and_exit_2(cli, standin, args, env, message):
-    result = cli.run(*DAY, *args, **env)
-    assert result.returncode == 2
-    assert message in result.stderr and result.stderr.count("\n") <= 2 and "Traceback" not in result.stderr
+def test_bad_lake_settings_are_usage_errors_before_any_request(args, env, message):
+    with pytest.raises(UsageError) as caught:
+        parse_settings([*DAY, *args], {"AMP_API_KEY": "k", "AMP_SECRET_KEY": "s", **env},
+                       dt.datetime(2025, 11, 7, tzinfo=UTC))
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_bad_lake_setting_is_one_line_and_exit_2(cli, standin):
+    result = cli.run(*DAY, "--lake", "az://events/t", AZURE_STORAGE_ACCOUNT_URL="http://storage.example.com/acc")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[0].startswith("Error: --lake: AZURE_STORAGE_ACCOUNT_URL: the credentials")
     assert standin.requests == []
 
 
