@@ -37,7 +37,9 @@ POOL_SIZE = 20_000
 # "rules-nested": the same with one dropped field inside user_properties, which costs a nested decode.
 RULES = ["--drop-fields", "ip_address,city,country", "--hash-fields", "user_id,device_id"]
 RULES_NESTED = ["--drop-fields", "ip_address,city,user_properties.plan", "--hash-fields", "user_id,device_id"]
-VARIANTS = {"json": [], "jsonl": ["--format", "jsonl"], "gzip": ["--gzip"], "rules": RULES, "rules-nested": RULES_NESTED}
+LAKE = WORK / "out" / "lake-table"  # a new table each round: the out folder is emptied before every command
+VARIANTS = {"json": [], "jsonl": ["--format", "jsonl"], "gzip": ["--gzip"], "rules": RULES, "rules-nested": RULES_NESTED,
+            "lake": ["--lake", str(LAKE)]}
 HASH_KEY = "bench-hash-key-0123456789abcdef0123456789"
 
 
@@ -184,6 +186,12 @@ def check_output(name: str, out: Path, events: int) -> None:
         produced = int(manifest.read_text().split('"events":')[1].split(",")[0])
     if produced != events:
         raise SystemExit(f"{name}: {produced} events, expected {events}")
+    if name == "fetch_data lake":
+        from deltalake import DeltaTable
+
+        rows = DeltaTable(LAKE).count()
+        if rows != events:
+            raise SystemExit(f"{name}: {rows} rows in the table, expected {events}")
 
 
 def median_of(samples: list[tuple[float, float]]) -> tuple[float, float]:
