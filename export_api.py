@@ -77,9 +77,9 @@ def open_session(api: Api) -> requests.Session:
     return session
 
 
-def fetch(span: Window, session, api: Api, consume, temp_folder: Path, sleep=time.sleep) -> None:
+def fetch(span: Window, session, api: Api, consume, temp_folder: Path, sleep=time.sleep, on_failure=None) -> None:
     """Download `span` and hand the zip to `consume`, retrying as the user's design specifies: a bounded loop, a
-    counter per span, a fixed wait (twice it after a 429)."""
+    counter per span, a fixed wait (twice it after a 429). `on_failure` hears of each failed attempt first."""
     last: Retryable | None = None
     for attempt in range(1, api.max_attempts + 1):
         log.info("Fetching %s (attempt %d/%d)", span, attempt, api.max_attempts)
@@ -88,6 +88,8 @@ def fetch(span: Window, session, api: Api, consume, temp_folder: Path, sleep=tim
             return
         except Retryable as exc:
             last = exc
+            if on_failure:
+                on_failure(exc)
             if attempt < api.max_attempts:
                 log.warning("%s: %s; waiting %gs before attempt %d", span, exc, exc.wait, attempt + 1)
                 sleep(exc.wait)

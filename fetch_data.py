@@ -35,7 +35,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 PROJECT_MODULES = ("errors", "windows", "settings", "export_api", "archive", "writer", "store", "logging_config",
                    "progress", "report", "summary", "monitor", "urls", "field_rules", "azure_upload", "lake",
-                   "lake_schema")
+                   "lake_schema", "spans")
 
 
 def explain_missing_import(missing: ImportError) -> str:
@@ -73,6 +73,7 @@ try:
     from monitor import Watch
     from progress import progress_bar
     from settings import Settings, load_environment, parse_settings
+    from spans import Spans
     from store import MANIFEST_NAME, Export, Finished
     from summary import Outcome, summary
     from windows import Window, format_hour, fresh_windows, hours_between, now_utc, plan_missing
@@ -281,12 +282,13 @@ def export_windows(windows: list[Window], settings: Settings, save) -> tuple[lis
     saved, failures = [], []
     pending: deque = deque()
     queue = iter(windows)
+    spans = Spans(settings.workers, len(windows), settings) if settings.workers > 1 else None
     with progress_bar(len(windows), shown=not settings.quiet) as progress, ThreadPoolExecutor(
         settings.workers, thread_name_prefix="window", initializer=leave_signals_to_main_thread
     ) as pool:
         try:
             for window in itertools.islice(queue, 2 * settings.workers):
-                pending.append((window, pool.submit(export_window, window, settings)))
+                pending.append((window, pool.submit(export_window, window, settings, spans)))
             while pending:
                 window, future = pending[0]
                 try:
@@ -301,25 +303,33 @@ def export_windows(windows: list[Window], settings: Settings, save) -> tuple[lis
                 pending.popleft()
                 following = next(queue, None)
                 if following:
-                    pending.append((following, pool.submit(export_window, following, settings)))
+                    pending.append((following, pool.submit(export_window, following, settings, spans)))
         finally:
             for _, future in pending:
                 future.cancel()
             pool.shutdown(wait=True)
+            if spans:
+                spans.close()
             for _, future in pending:
                 discard_unsaved(future)
     return saved, failures
 
 
-def export_window(window: Window, settings: Settings) -> Finished:
-    """One window into one temporary file, splitting requests Amplitude finds too large."""
+def export_window(window: Window, settings: Settings, spans: Spans | None = None) -> Finished:
+    """One window into one temporary file, splitting requests Amplitude finds too large; with `spans`, fetched as
+    hour spans over several connections and written in hour order."""
     began = time.monotonic()
     writer = None
     try:
         writer = EventWriter(store.temp_path_for(settings.data_dir, window, settings.extension), settings.file_format,
                              settings.gzip)
-        with open_session(settings.api) as session:
-            export_span(window, writer, session, settings, simdjson.Parser())
+        parser = simdjson.Parser()
+        if spans:
+            spans.export(window, lambda zip_path, span: write_to_local(zip_path, writer, settings, parser, span),
+                         lambda span, session: export_span(span, writer, session, settings, parser))
+        else:
+            with open_session(settings.api) as session:
+                export_span(window, writer, session, settings, parser)
         writer.finish()
     except BaseException as exc:
         if writer:

@@ -34,7 +34,7 @@ log = logging.getLogger("fetch_data")
 
 PROJECT = Path(__file__).resolve().parent
 REQUIREMENTS_FILE = "requirements-lake.txt"
-BATCH_EVENTS = 65_536  # lines converted at a time: a few tens of megabytes of Arrow, whatever the day's size
+BATCH_EVENTS = 8_192  # lines converted at a time: their Python values and Arrow columns stay in tens of megabytes
 LINE_LIMIT = 1 << 40  # the files were checked line by line when exported: any length is read back
 COMMIT_ATTEMPTS = 5
 METADATA = "amplitude_export"  # the prefix of this program's keys in a commit's metadata
