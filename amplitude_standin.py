@@ -16,7 +16,6 @@ import io
 import json
 import math
 import random
-import shutil
 import threading
 import time
 import zipfile
@@ -85,6 +84,7 @@ class StandIn:
         self.stopped_types = dict(stopped_types or {})  # event type -> the hour from which it is never sent
         self.daily_cycle = daily_cycle  # fewer events at night, most in the afternoon, as real traffic
         self.answer_delay = 0.0  # seconds before each answer, to make concurrent requests overlap
+        self.bytes_per_second = None  # each answer's body sent no faster than this, as a busy export server does
         self.gate: threading.Event | None = None  # when set to an Event, answers wait until it is set
         self.in_flight = 0
         self.arrived = 0  # requests received, counted before any gate or delay
@@ -217,7 +217,12 @@ def make_handler(standin: StandIn):
             if standin.timeout_over_hours is not None and span_hours > standin.timeout_over_hours:
                 return self.send_text(504, "Gateway Timeout")
             if standin.archive_path:
-                return self.send_file(Path(standin.archive_path))
+                members = archive_members_between(Path(standin.archive_path), *span)
+                if members is None:  # the span covers the whole archive: sent as it is
+                    return self.send_file(Path(standin.archive_path))
+                if not members:
+                    return self.send_text(404, NOT_FOUND_TEXT)
+                return self.send_bytes(200, build_archive(members), "application/zip")
             members = standin.members(*span)
             if not members:
                 return self.send_text(404, NOT_FOUND_TEXT)
@@ -273,7 +278,16 @@ def make_handler(standin: StandIn):
             for name, value in (headers or {}).items():
                 self.send_header(name, value)
             self.end_headers()
-            self.wfile.write(body)
+            self.write_paced(io.BytesIO(body))
+
+        def write_paced(self, source) -> None:
+            """The body in blocks, at most `bytes_per_second` when the stand-in is capped."""
+            rate, began, sent = standin.bytes_per_second, time.monotonic(), 0
+            while block := source.read(64 << 10 if rate else 1 << 20):
+                self.wfile.write(block)
+                sent += len(block)
+                if rate:
+                    time.sleep(max(0.0, began + sent / rate - time.monotonic()))
 
         def send_partial(self, body: bytes, announce_length: bool):
             """Half the body, then the connection closes: with a Content-Length it is a drop, without a truncation."""
@@ -305,7 +319,7 @@ def make_handler(standin: StandIn):
             self.send_header("Content-Length", str(path.stat().st_size))
             self.end_headers()
             with open(path, "rb") as source:
-                shutil.copyfileobj(source, self.wfile, 1 << 20)
+                self.write_paced(source)
 
     return ExportHandler
 
@@ -319,6 +333,25 @@ def demo_server(api_key: str, secret_key: str, now: dt.datetime | None = None):
     with StandIn(api_key, secret_key, events_per_part=60, parts_per_hour=2, empty_hours={yesterday + 13 * HOUR},
                  stopped_types={"purchase": yesterday}, daily_cycle=True) as standin:
         yield standin.base_url
+
+
+def archive_members_between(path: Path, first: dt.datetime, last: dt.datetime) -> list[tuple[str, bytes]] | None:
+    """The members of a stored archive whose hour lies in first..last; None when every member that names an hour
+    does (the archive is then sent as it is, members without an hour included)."""
+    with zipfile.ZipFile(path) as archive:
+        hours = [(info, member_hour(info.filename)) for info in archive.infolist()]
+        if all(hour is None or first <= hour <= last for _, hour in hours):
+            return None
+        return [(info.filename, archive.read(info)) for info, hour in hours if hour and first <= hour <= last]
+
+
+def member_hour(name: str) -> dt.datetime | None:
+    """The hour a member's name gives (`<project>_<YYYY-MM-DD>_<H>#<part>.json.gz`), or None."""
+    try:
+        day, hour = name.rsplit("/", 1)[-1].split("#")[0].split("_")[-2:]
+        return dt.datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=dt.UTC) + int(hour) * HOUR
+    except ValueError:
+        return None
 
 
 def build_archive(members: list[tuple[str, bytes]]) -> bytes:
