@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench.py                      # 250 MB and 1 GB of events, 3 rounds
     .venv/bin/python bench/bench.py --sizes 250 --rounds 5 --variants json
+    .venv/bin/python bench/bench.py --sizes 250 --rate-mb 4 --variants json,workers4 --no-in-memory
 
 Builds a realistic archive per size (cached in bench/work/), serves it from the stand-in on 127.0.0.1, then runs
 every command once per round, alternating, and prints medians of wall time and peak RSS (from wait4) with ratios.
@@ -39,7 +40,7 @@ RULES = ["--drop-fields", "ip_address,city,country", "--hash-fields", "user_id,d
 RULES_NESTED = ["--drop-fields", "ip_address,city,user_properties.plan", "--hash-fields", "user_id,device_id"]
 LAKE = WORK / "out" / "lake-table"  # a new table each round: the out folder is emptied before every command
 VARIANTS = {"json": [], "jsonl": ["--format", "jsonl"], "gzip": ["--gzip"], "rules": RULES, "rules-nested": RULES_NESTED,
-            "lake": ["--lake", str(LAKE)]}
+            "lake": ["--lake", str(LAKE)], "workers4": ["--workers", "4"], "workers5": ["--workers", "5"]}
 HASH_KEY = "bench-hash-key-0123456789abcdef0123456789"
 
 
@@ -50,6 +51,7 @@ def main() -> int:
     for size_mb in args.sizes:
         archive, events = ensure_archive(size_mb, args.kind)
         with StandIn("bench", "bench", archive_path=archive) as standin:
+            standin.bytes_per_second = args.rate_mb * 1_000_000 if args.rate_mb else None
             rows += measure_size(size_mb, events, standin.base_url, args)
     print_table(rows)
     return 0
@@ -63,6 +65,8 @@ def parse_args():
                         help="distinct: every event its own device_id (default); pooled: IDs recur from a pool of 20,000")
     parser.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS), help=",".join(VARIANTS))
     parser.add_argument("--no-in-memory", action="store_true", help="skip the in-memory reference")
+    parser.add_argument("--rate-mb", type=float, default=None,
+                        help="the stand-in sends each answer at most this many MB/s (Amplitude builds big zips slowly)")
     return parser.parse_args()
 
 
