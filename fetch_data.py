@@ -33,9 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PROJECT_MODULES = ("errors", "windows", "settings", "export_api", "archive", "writer", "store", "logging_config",
-                   "progress", "report", "summary", "monitor", "urls", "field_rules", "azure_upload", "lake",
-                   "lake_schema", "spans")
+PROJECT_MODULES = ("errors", "windows", "settings", "export_api", "archive", "writer", "store", "logging_config", "progress",
+                   "report", "summary", "monitor", "urls", "field_rules", "azure_upload", "lake", "lake_schema", "spans")
 
 
 def explain_missing_import(missing: ImportError) -> str:

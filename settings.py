@@ -159,7 +159,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_event_bytes", "--max-event-bytes", "AMP_MAX_EVENT_BYTES", whole(2, 1 << 40), 16 << 20,
            "longest event line accepted, in bytes; a longer one fails its window", SOURCE, "N"),
     Option("workers", "--workers", "AMP_WORKERS", whole(1, MAX_WORKERS), 1,
-           f"windows downloaded in parallel, 1 to {MAX_WORKERS}", SOURCE, "N"),
+           f"requests in flight at once, 1 to {MAX_WORKERS}: windows, or one window's hours as spans", SOURCE, "N"),
     Option("data_dir", "--data-dir", "AMP_DATA_DIR", text, "data", "output folder, beside fetch_data.py by default",
            OUTPUT, "DIR", path=True, demo_default="demo/data"),
     Option("data_outfile", "--data-outfile", "AMP_DATA_OUTFILE", file_stem, "ampl_dump", "file name stem", OUTPUT,
