@@ -6,7 +6,7 @@ docs/. This file is the entry point and the pipeline, top-down; each stage lives
 
     settings      flags, variables and .env, declared once and checked before any I/O
     windows       UTC hours and windows
-    export_api    one request, what an answer means, the retry loop
+    export_api    one request, what an answer means, the retry loop (spans: several at once)
     archive       the zip's members in hour order, each line checked
     field_rules   personal data dropped or pseudonymised
     writer        the output file and its counts
