@@ -75,14 +75,14 @@ class Target:
         return "/".join(part for part in (self.prefix, f"date={day}", file_name) if part)
 
 
-def ensure_installed() -> None:
+def ensure_installed(needed_by: str = "--upload") -> None:
     """Raise ImportError with the file to install when the Azure packages are missing."""
     try:
         import azure.identity  # noqa: F401
         import azure.storage.blob  # noqa: F401
     except ImportError:
         install = shlex.join([sys.executable, "-m", "pip", "install", "-r", str(PROJECT / REQUIREMENTS_FILE)])
-        raise ImportError(f"--upload needs the Azure packages: {install}") from None
+        raise ImportError(f"{needed_by} needs the Azure packages: {install}") from None
 
 
 def target_from(credentials, container: str, prefix: str, needed_by: str = "--upload") -> Target:

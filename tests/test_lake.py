@@ -370,6 +370,17 @@ def test_lake_without_its_packages_says_which_file_to_install(cli, standin, tmp_
     assert standin.requests == []
 
 
+def test_an_azure_lake_without_the_azure_packages_says_which_file_to_install(cli, standin, tmp_path):
+    shadow = tmp_path / "shadow" / "azure"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("")
+    result = cli.run(*DAY, "--lake", "az://events/t", PYTHONPATH=str(tmp_path / "shadow"),
+                     AZURE_STORAGE_ACCOUNT_URL="https://acc.blob.core.windows.net")
+    assert result.returncode == 2
+    assert "--lake on Azure needs the Azure packages" in result.stderr and "requirements-azure.txt" in result.stderr
+    assert standin.requests == []
+
+
 def test_a_table_of_another_schema_is_refused(cli, standin):
     import deltalake
 
@@ -378,6 +389,38 @@ def test_a_table_of_another_schema_is_refused(cli, standin):
     assert result.returncode == 1
     assert "holds a Delta table of another schema" in result.stderr and "Traceback" not in result.stderr
     assert standin.requests == []
+
+
+def test_a_commit_that_meets_another_writers_is_tried_again(tmp_path, monkeypatch):
+    import deltalake
+    from deltalake.exceptions import CommitFailedError
+
+    import store
+
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = standin_lines(50)
+    (data / "f.jsonl").write_bytes(b"".join(line + b"\n" for line in lines))
+    record = store.Export(start="20251101T00", end="20251101T00", file="f.jsonl", events=50,
+                          size=(data / "f.jsonl").stat().st_size, sha256="0" * 64, finished_at="x",
+                          hours={"20251101T00": 50})
+    table = lake.Lake(lake.LakeTarget(str(tmp_path / "t"), str(tmp_path / "t")), data, None)
+    table.open()
+    real, calls, waits = deltalake.write_deltalake, [], []
+
+    def conflicting(*args, **kwargs):
+        calls.append(1)
+        if len(calls) < 3:  # another writer commits first, twice
+            for _ in kwargs["data"] if "data" in kwargs else args[1]:
+                pass
+            raise CommitFailedError("conflict")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(deltalake, "write_deltalake", conflicting)
+    table.sleep = waits.append
+    loaded = table.load(record)
+    assert len(calls) == 3 and waits == [1, 2]
+    assert loaded.version == 1 and DeltaTable(tmp_path / "t").to_pyarrow_table().num_rows == 50
 
 
 def test_secrets_are_scrubbed_from_delta_errors():
