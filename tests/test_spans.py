@@ -134,3 +134,28 @@ def test_a_damaged_span_is_fetched_again_and_a_failed_span_fails_its_window(cli,
     result = cli.run(*DAY, "--workers", "4")  # the next run exports the window again
     assert result.returncode == 0, result.stderr
     assert_same_as_serial(cli, expected, record)
+
+
+@pytest.mark.slow
+def test_kill_9_mid_spans_leaves_nothing_and_the_next_run_completes_the_window(cli, standin):
+    import signal
+
+    standin.events_per_part = 300  # a window that takes a while to write, so the kill lands mid-way
+    expected, record = serial_bytes(cli)
+    standin.gate = threading.Event()
+    process = cli.start(*DAY, "--workers", "4")
+    deadline = time.monotonic() + 60
+    while standin.in_flight < 4 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)  # polling a condition: four span requests in flight
+    first_done = standin.in_flight == 4
+    standin.gate.set()  # the first spans come back while others are still asked for...
+    while not any(cli.data.glob(".ampl-span-*")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)  # ...until a span's archive waits on disk
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    process.stdout.close()
+    process.stderr.close()
+    assert first_done and cli.outputs() == []
+    result = cli.run(*DAY, "--workers", "4")
+    assert result.returncode == 0, result.stderr
+    assert_same_as_serial(cli, expected, record)
