@@ -48,7 +48,9 @@ def test_spark_reads_timestamps_and_longs_from_the_active_files(cli, standin, sp
     assert len(list(table.rglob("*.parquet"))) > len(active.file_uris())
 
     result = subprocess.run([spark_python, "-c", READ, json.dumps(active.file_uris())], capture_output=True, text=True,
-                            timeout=600, env={**os.environ, "PYSPARK_PYTHON": spark_python})
+                            timeout=600, env={**os.environ, "PYSPARK_PYTHON": spark_python,
+                                              # Java's performance files would go to /tmp/hsperfdata_<user>
+                                              "JAVA_TOOL_OPTIONS": "-XX:-UsePerfData"})
     assert result.returncode == 0, result.stderr[-3000:]
     seen = json.loads(result.stdout.strip().splitlines()[-1])
     assert seen["types"]["event_time"] == "timestamp" and seen["types"]["amplitude_id"] == "bigint"
