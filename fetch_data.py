@@ -315,8 +315,7 @@ def export_windows(windows: list[Window], settings: Settings, save) -> tuple[lis
 
 
 def export_window(window: Window, settings: Settings, spans: Spans | None = None) -> Finished:
-    """One window into one temporary file, splitting requests Amplitude finds too large; with `spans`, fetched as
-    hour spans over several connections and written in hour order."""
+    """One window into one temporary file, splitting requests Amplitude finds too large; `spans` fetch it in parts."""
     began = time.monotonic()
     writer = None
     try:
@@ -410,6 +409,7 @@ def stop_cleanly_on_signals(data_dir: Path) -> None:
     """
 
     def stop(signum, frame):
+        store.stop_creating_temp_files()  # first: a download thread could otherwise leave one behind the removal
         store.remove_temp_files(data_dir, quiet=True)
         log.error("Stopped by %s; files not yet in place were discarded, the next run exports what is missing",
                   signal.Signals(signum).name)

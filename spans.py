@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from errors import ExportError
 from export_api import Retryable, TooLarge, fetch, open_session
+from store import rename_temp_file
 from windows import HOUR, Window
 
 log = logging.getLogger("fetch_data")
@@ -110,8 +110,9 @@ class Spans:
         kept: list[Path] = []
 
         def keep(zip_path: Path) -> None:
-            kept.append(zip_path.with_name(f".ampl-span-{span.label}-{uuid.uuid4().hex[:8]}.zip.part"))
-            os.replace(zip_path, kept[-1])
+            target = zip_path.with_name(f".ampl-span-{span.label}-{uuid.uuid4().hex[:8]}.zip.part")
+            rename_temp_file(zip_path, target)
+            kept.append(target)
 
         settings = self.settings
         try:

@@ -492,6 +492,14 @@ def create_temp_file(path: Path, mode: str = "xb"):
         return open(path, mode)  # noqa: SIM115 - the caller owns the file
 
 
+def rename_temp_file(source: Path, target: Path) -> None:
+    """A temporary file under another temporary name, unless the run is stopping (the same door as creation)."""
+    with _temp_files:
+        if _stopping.is_set():
+            raise Stopping("the run is stopping")
+        os.replace(source, target)
+
+
 def stop_creating_temp_files() -> None:
     with _temp_files:
         _stopping.set()
