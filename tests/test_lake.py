@@ -478,3 +478,22 @@ def test_the_lake_variable_is_relative_to_its_env_file(cli, standin):
     result = cli.run(*DAY)
     assert result.returncode == 0, result.stderr
     assert DeltaTable(cli.project / "tables" / "events").version() == 1
+
+
+@pytest.mark.parametrize("layout", [("--format", "jsonl"), ("--gzip",), ("--format", "jsonl", "--gzip")])
+def test_every_file_layout_goes_in_live_and_from_the_files(cli, standin, layout):
+    import gzip
+
+    assert cli.run("--start", "2025-11-01", "--end", "2025-11-02", *layout, "--lake", "lake").returncode == 0
+    events = []
+    for output in cli.outputs():
+        text = (gzip.decompress if output.name.endswith(".gz") else bytes)(output.read_bytes()).decode()
+        events += json.loads(text) if ".json" in output.name and ".jsonl" not in output.name else [
+            json.loads(line) for line in text.splitlines()]
+    assert canonical(map(lake_schema.rebuild_event, table_rows(cli.workdir / "lake"))) == canonical(events)
+    import shutil
+
+    shutil.rmtree(cli.workdir / "lake")  # refilled from the files, their sha256 checked as they are read
+    result = cli.run("--start", "2025-11-01", "--end", "2025-11-02", *layout, "--lake", "lake")
+    assert result.returncode == 0 and "loading 2 file(s)" in result.stderr and "not the file" not in result.stderr
+    assert canonical(map(lake_schema.rebuild_event, table_rows(cli.workdir / "lake"))) == canonical(events)
