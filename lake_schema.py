@@ -81,8 +81,9 @@ class Converter:
         """The record batch of `lines`; `hours` gives runs of lines their export hour, in order."""
         events, leftovers = self._decode(lines)
         columns, absent, others = {}, [], []
-        for key, name in zip(self._keys, self._names, strict=True):
-            values = list(map(operator.attrgetter(name), events))
+        # One tuple an event, then transposed: both at C speed, faster than a getter a column.
+        by_key = zip(*map(self._values, events), strict=True) if events else [()] * len(self._keys)
+        for key, values in zip(self._keys, by_key, strict=True):
             if key in KIND_OF:
                 typed, missing, misfit = typed_column(values, KIND_OF[key])
                 columns[column_of(key)] = typed
@@ -109,6 +110,7 @@ class Converter:
                                          forbid_unknown_fields=True)
         self._decode_one = msgspec.json.Decoder(self._struct).decode
         self._decode_all = msgspec.json.Decoder(list[self._struct]).decode
+        self._values = operator.attrgetter(*self._names)
 
     def _decode(self, lines: list[bytes]) -> tuple[list, list[str | None]]:
         """The structs of the lines, and for each the other_fields members a lenient decoding put aside."""
