@@ -47,6 +47,9 @@ PYTHON_TYPE = {"timestamp": str, "integer": Int64, "float": float, "boolean": bo
 OTHER_FIELDS, ABSENT_FIELDS, EXPORT_HOUR, EXPORT_DATE = "other_fields", "absent_fields", "export_hour", "export_date"
 UNSET = msgspec.UNSET
 NO_TEXT = msgspec.Raw(b"")  # what a property map the event does not have decodes to
+# Keys outside the schema learnt as fields: Amplitude adds a few; a file of events that each bring new keys must
+# not grow the decoder without bound (past this, such keys go to other_fields line by line).
+MAX_LEARNT_KEYS = 256
 
 
 def column_of(key: str) -> str:
@@ -111,6 +114,7 @@ class Converter:
         self._decode_one = msgspec.json.Decoder(self._struct).decode
         self._decode_all = msgspec.json.Decoder(list[self._struct]).decode
         self._values = operator.attrgetter(*self._names)
+        self._name_of = dict(zip(self._keys, self._names, strict=True))
 
     def _decode(self, lines: list[bytes]) -> tuple[list, list[str | None]]:
         """The structs of the lines, and for each the other_fields members a lenient decoding put aside."""
@@ -119,8 +123,9 @@ class Converter:
         except msgspec.MsgspecError:
             pass
         unknown = {key for line in lines for key in lenient_keys(line) if is_utf8(key)} - set(self._keys)
-        if unknown:
-            self.extra_keys += sorted(unknown)
+        room = MAX_LEARNT_KEYS - len(self.extra_keys)
+        if unknown and room > 0:
+            self.extra_keys += sorted(unknown)[:room]
             self._define()
         events, leftovers = [], []
         for line in lines:
@@ -138,10 +143,10 @@ class Converter:
         unchanged) to other_fields, where their column is null."""
         fitting, leftover = {}, []
         for key, raw in lenient_items(line):
-            if key not in self._keys:  # a key no field can be named after (a lone surrogate in it)
+            name = self._name_of.get(key)
+            if name is None:  # a key no field can be named after (a lone surrogate), or past MAX_LEARNT_KEYS
                 leftover.append(json.dumps(key).encode() + b":" + raw + b",")
                 continue
-            name = self._names[self._keys.index(key)]
             kind = KIND_OF.get(key, "json")
             if kind == "json":
                 fitting[name] = msgspec.Raw(raw)

@@ -112,6 +112,14 @@ def test_a_key_amplitude_adds_tomorrow_is_learnt_once_and_kept():
     assert converter.misfits == 0
 
 
+def test_events_that_each_bring_new_keys_do_not_grow_the_decoder_without_bound():
+    converter = lake_schema.Converter()
+    lines = [b'{"event_type":"a","k%d":%d,"k%d":[%d]}' % (n, n, n + 100_000, n) for n in range(2000)]
+    rows = converter.batch(lines, [(hour("20251101T00"), len(lines))]).to_pylist()
+    assert len(converter.extra_keys) == lake_schema.MAX_LEARNT_KEYS
+    assert [lake_schema.rebuild_event(row) for row in rows] == [json.loads(line) for line in lines]
+
+
 def test_export_hours_come_from_the_members_never_from_event_times():
     record = lake.Export(start="20251101T00", end="20251101T02", file="f.json", events=6, size=1, sha256="0" * 64,
                          finished_at="x", hours={"20251101T00": 2, "20251101T02": 1, "20251103T07": 3})
