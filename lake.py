@@ -191,8 +191,8 @@ class Lake:
             return
         try:
             self.load(record)
-        except (LakeError, FileChanged, OSError) as exc:
-            self.failure = str(exc) if not isinstance(exc, OSError) else f"cannot read {record.file}: {exc.strerror}"
+        except (LakeError, FileChanged) as exc:  # the file's own errors come as a LakeError naming it
+            self.failure = str(exc)
 
     def fill(self, records: list[Export], skip: set[dt.datetime]) -> None:
         """Load the hours whose latest intact file under this run's field rules is not in the table yet, from those
@@ -237,8 +237,8 @@ class Lake:
                                     "another writer's; the next run loads the file") from None
                 self.sleep(attempt)
         line = LakeLoad(start=record.start, end=record.end, file=record.file, sha256=record.sha256,
-                    lake=self.target.label, table_id=self.table_id, version=self.table.version(),
-                    loaded_at=iso_utc(now_utc()))
+                        lake=self.target.label, table_id=self.table_id, version=self.table.version(),
+                        loaded_at=iso_utc(now_utc()))
         append_manifest(self.data_dir / MANIFEST_NAME, line)
         self.loaded += 1
         log.info("Lake: %s loaded as version %d of %s (%d hour(s), %.1fs)", record.file, line.version,
