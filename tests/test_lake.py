@@ -367,7 +367,6 @@ def test_a_bad_lake_setting_is_one_line_and_exit_2(cli, standin):
     assert standin.requests == []
 
 
-@pytest.mark.quick
 def test_lake_without_its_packages_says_which_file_to_install(cli, standin, tmp_path):
     shadow = tmp_path / "shadow" / "deltalake"
     shadow.mkdir(parents=True)
