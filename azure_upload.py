@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from store import MANIFEST_NAME, Export, Upload, append_manifest, is_intact, records_of, scan_manifest, uploaded_keys
+from store import MANIFEST_NAME, Export, Upload, append_manifest, file_key, is_intact, records_of, scan_manifest, uploaded_keys
 from urls import plain_http_elsewhere
 from windows import iso_utc, now_utc
 
@@ -347,10 +347,10 @@ def pending_uploads(data_dir: Path):
     manifest = data_dir / MANIFEST_NAME
     uploaded, seen = uploaded_keys(manifest), set()
     candidates = ((head, line, number) for head, line, number in scan_manifest(manifest, warn=False)
-                  if head.is_export and head.key not in uploaded and head.key not in seen)
+                  if head.is_export and file_key(head) not in uploaded and file_key(head) not in seen)
     for head, record in records_of(candidates):
-        if isinstance(record, Export) and head.key not in seen and is_intact(record, data_dir):
-            seen.add(head.key)
+        if isinstance(record, Export) and file_key(head) not in seen and is_intact(record, data_dir):
+            seen.add(file_key(head))
             yield record
 
 

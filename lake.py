@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 from archive import read_lines
 from errors import ExportError
-from store import MANIFEST_NAME, Export, LakeLoad, append_manifest, file_state, manifest_lines, parse_line
+from store import DECODE_LAKE, MANIFEST_NAME, Export, LakeLoad, append_manifest, file_key, file_state, hour_of, marked_lines
 from windows import HOUR, format_hour, hours_between, iso_utc, now_utc
 
 log = logging.getLogger("fetch_data")
@@ -200,7 +200,7 @@ class Lake:
         loaded_keys = self.loaded_keys()
         same_rules = [record for record in records if record.policy == self.policy]
         todo = [(record, hours) for record, hours in latest_hours(same_rules, skip)
-                if record_key(record) not in loaded_keys]
+                if file_key(record) not in loaded_keys]
         if todo:
             log.info("Lake: loading %d file(s) exported earlier into %s", len(todo), self.target.label)
         for record, hours in todo:
@@ -247,18 +247,9 @@ class Lake:
 
     def loaded_keys(self) -> set[bytes]:
         """The (file, sha256) of every LakeLoad line for this table at a version it has reached: what it holds."""
-        version, keys = self.table.version(), set()
-        for _, line in manifest_lines(self.data_dir / MANIFEST_NAME, repair=False):
-            if b'"table_id"' not in line:
-                continue
-            try:
-                found = parse_line(line)
-            except ValueError:
-                continue
-            if (isinstance(found, LakeLoad) and found.lake == self.target.label and found.table_id == self.table_id
-                    and found.version <= version):
-                keys.add(record_key(found))
-        return keys
+        version = self.table.version()
+        return {file_key(line) for line in marked_lines(self.data_dir / MANIFEST_NAME, b'"table_id"', DECODE_LAKE)
+                if line.lake == self.target.label and line.table_id == self.table_id and line.version <= version}
 
     def maintain(self, retention_days: int) -> int:
         """Compact small files, then remove the files no version younger than the retention needs; the version."""
@@ -364,10 +355,6 @@ def scrub(text: str, secrets: list[str]) -> str:
     return re.sub(r"\?[^\s\"')]*", "?***", text)
 
 
-def record_key(record) -> bytes:
-    return hashlib.blake2b(f"{record.file}\0{record.sha256}".encode(), digest_size=16).digest()
-
-
 def latest_hours(records: list[Export], skip: set[dt.datetime]) -> list[tuple[Export, set[dt.datetime]]]:
     """Each record with the hours it is the latest record of (manifest order), less `skip`; records left with no
     hour are left out. Pure: the files are checked by the caller."""
@@ -402,19 +389,15 @@ def line_hours(record: Export) -> list[tuple[dt.datetime, int]]:
     a member that named none or named an hour outside the window."""
     window = record.window
     if record.runs is not None:
-        runs = [(hour_or_none(text), count) for text, count in record.runs]
+        runs = [(hour_of(text) if text else None, count) for text, count in record.runs]
     elif record.hours is not None:
-        runs = [(hour_or_none(text), count) for text, count in sorted(record.hours.items()) if count]
+        runs = [(hour_of(text), count) for text, count in sorted(record.hours.items()) if count]
     else:
         log.warning("Lake: %s does not record its events' hours; all of them go under %s", record.file,
                     format_hour(window.start))
         runs = [(window.start, record.events)]
     return [(hour if hour is not None and window.start <= hour <= window.end else window.start, count)
             for hour, count in runs]
-
-
-def hour_or_none(text: str | None) -> dt.datetime | None:
-    return dt.datetime.strptime(text, "%Y%m%dT%H").replace(tzinfo=dt.UTC) if text else None
 
 
 def record_batches(path: Path, record: Export, converter, hours: set[dt.datetime], check_sha256: bool):

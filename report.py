@@ -24,6 +24,7 @@ from store import (
     MANIFEST_NAME,
     TEMP_PREFIX,
     Export,
+    file_key,
     file_state,
     hour_of,
     iterate_exports,
@@ -191,7 +192,7 @@ def build_report(manifest: Path, data_dir: Path, start: dt.datetime, end: dt.dat
     for position, (head, record) in enumerate(iterate_exports(manifest, start, end, repair=False)):
         state = file_state(record, data_dir, verify)
         files.append(FileRow(f"{record.start}-{record.end}", record.file, record.events, record.size, record.sha256,
-                             head.key in uploaded, state))
+                             file_key(head) in uploaded, state))
         total += 1
         first, last = index_of(record.window.start, start, size), index_of(record.window.end, start, size)
         if state == "intact":

@@ -120,10 +120,10 @@ class Head(Line):
     def is_export(self) -> bool:
         return self.blob is None and self.table_id is None
 
-    @property
-    def key(self) -> bytes:
-        """A file and its sha256 as 16 bytes: a set of a million of them stays small."""
-        return hashlib.blake2b(f"{self.file}\0{self.sha256}".encode(), digest_size=16).digest()
+
+def file_key(record) -> bytes:
+    """A record's file and sha256 as 16 bytes: a set of a million of them stays small."""
+    return hashlib.blake2b(f"{record.file}\0{record.sha256}".encode(), digest_size=16).digest()
 
 
 DECODE_HEAD = msgspec.json.Decoder(Head).decode
@@ -265,15 +265,16 @@ def iterate_exports(manifest: Path, first: dt.datetime, last: dt.datetime, repai
 
 
 def uploaded_keys(manifest: Path) -> set[bytes]:
-    """The key of every (file, sha256) an upload line records; lines without a blob are not even decoded."""
-    keys = set()
+    """The key of every (file, sha256) an upload line records."""
+    return {file_key(head) for head in marked_lines(manifest, b'"blob"', DECODE_HEAD) if head.is_upload}
+
+
+def marked_lines(manifest: Path, marker: bytes, decode):
+    """The lines holding `marker`, decoded by `decode`; other lines are not even decoded, damaged ones passed over."""
     for _, line in manifest_lines(manifest, repair=False):
-        if b'"blob"' in line:
-            with contextlib.suppress(msgspec.DecodeError, ValueError):
-                head = DECODE_HEAD(line)
-                if head.is_upload:
-                    keys.add(head.key)
-    return keys
+        if marker in line:
+            with contextlib.suppress(msgspec.DecodeError, ValueError):  # msgspec's ValidationError is a ValueError
+                yield decode(line)
 
 
 def complete_length(source) -> int:
