@@ -100,6 +100,18 @@ def fetch(span: Window, session, api: Api, consume, temp_folder: Path, sleep=tim
     raise ExportError(f"Max fetch attempts reached for {span} ({api.max_attempts}); last error: {last}")
 
 
+def halves_of_too_large(span: Window, exc: TooLarge) -> tuple[Window, Window]:
+    """The halves to fetch instead of a span Amplitude finds too large; an ExportError for a single hour."""
+    if span.hours == 1:
+        raise ExportError(
+            f"hour {span.label[:11]} alone is too large for the Export API ({exc}); "
+            "use Amplitude's Amazon S3 or data warehouse export for this hour"
+        ) from None
+    first, second = span.halves()
+    log.warning("%s: %s; splitting into %s and %s", span, exc, first, second)
+    return first, second
+
+
 def fetch_once(span: Window, session, api: Api, consume, temp_folder: Path) -> None:
     """One request: on 200 the zip goes to `consume`, else the answer says retry, split, skip or fail."""
     zip_path = temp_folder / f".ampl-download-{span.label}-{uuid.uuid4().hex[:8]}.zip.part"

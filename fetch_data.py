@@ -66,13 +66,13 @@ try:
     import store
     from archive import BadEvent, CorruptArchive, check_events, member_hour, unzip
     from errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ExportError, UsageError
-    from export_api import Retryable, TooLarge, fetch, open_session
+    from export_api import Retryable, TooLarge, fetch, halves_of_too_large, open_session
     from lake import open_lake
     from logging_config import printable, setup_logging
     from monitor import Watch
     from progress import progress_bar
     from settings import Settings, load_environment, parse_settings
-    from spans import Spans
+    from spans import Spans, leave_signals_to_main_thread
     from store import MANIFEST_NAME, Export, Finished
     from summary import Outcome, summary
     from windows import Window, format_hour, fresh_windows, hours_between, now_utc, plan_missing
@@ -345,15 +345,8 @@ def export_span(span: Window, writer: EventWriter, session, settings: Settings, 
         fetch(span, session, settings.api, lambda zip_path: write_to_local(zip_path, writer, settings, parser, span),
               settings.data_dir)
     except TooLarge as exc:
-        if span.hours == 1:
-            raise ExportError(
-                f"hour {span.label[:11]} alone is too large for the Export API ({exc}); "
-                "use Amplitude's Amazon S3 or data warehouse export for this hour"
-            ) from None
-        first, second = span.halves()
-        log.warning("%s: %s; splitting into %s and %s", span, exc, first, second)
-        export_span(first, writer, session, settings, parser)
-        export_span(second, writer, session, settings, parser)
+        for half in halves_of_too_large(span, exc):
+            export_span(half, writer, session, settings, parser)
 
 
 def write_to_local(zip_path: Path, writer: EventWriter, settings: Settings, parser, span: Window) -> None:
@@ -418,12 +411,6 @@ def stop_cleanly_on_signals(data_dir: Path) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-
-
-def leave_signals_to_main_thread() -> None:
-    """Python runs signal handlers in the main thread only, and a signal the kernel hands to a worker thread does
-    not wake a main thread blocked waiting on a future: so workers (and the threads they start) block them."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
 
 
 if __name__ == "__main__":

@@ -14,13 +14,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import signal
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from errors import ExportError
-from export_api import Retryable, TooLarge, fetch, open_session
+from export_api import Retryable, TooLarge, fetch, halves_of_too_large, open_session
 from store import rename_temp_file
 from windows import HOUR, Window
 
@@ -79,7 +79,7 @@ class Spans:
         self.settings = settings
         self.per_window = spans_per_window(workers, windows)
         self.pace = Pace(workers)
-        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="span", initializer=block_signals)
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="span", initializer=leave_signals_to_main_thread)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -122,12 +122,7 @@ class Spans:
         except TooLarge as exc:
             for path in kept:
                 path.unlink(missing_ok=True)
-            if span.hours == 1:
-                raise ExportError(f"hour {span.label[:11]} alone is too large for the Export API ({exc}); use "
-                                  "Amplitude's Amazon S3 or data warehouse export for this hour") from None
-            first, second = span.halves()
-            log.warning("%s: %s; splitting into %s and %s", span, exc, first, second)
-            return self.download(first) + self.download(second)
+            return [part for half in halves_of_too_large(span, exc) for part in self.download(half)]
         except BaseException:
             for path in kept:
                 path.unlink(missing_ok=True)
@@ -140,7 +135,7 @@ def discard_archives(future) -> None:
             zip_path.unlink(missing_ok=True)
 
 
-def block_signals() -> None:
-    import signal
-
+def leave_signals_to_main_thread() -> None:
+    """Python runs signal handlers in the main thread only, and a signal the kernel hands to a worker thread does
+    not wake a main thread blocked waiting on a future: so workers (and the threads they start) block them."""
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
