@@ -527,9 +527,8 @@ def pick_upload(values: Values):
         azure_upload.ensure_installed()
     except ImportError as exc:
         raise UsageError(str(exc)) from None
-    credentials = {BY_NAME[name].variable: values[name] for name in ("connection_string", "account_url", "sas_token")}
     try:
-        target = azure_upload.target_from(credentials, values["container"], values["blob_prefix"])
+        target = azure_upload.target_from(azure_credentials(values), values["container"], values["blob_prefix"])
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     try:
@@ -537,6 +536,11 @@ def pick_upload(values: Values):
     except ValueError:
         raise UsageError(f"the {target.method} for Azure is incomplete or malformed") from None
     return target
+
+
+def azure_credentials(values: Values) -> dict:
+    """The AZURE_STORAGE_* credentials by variable name, as --upload and --lake read them."""
+    return {BY_NAME[name].variable: values[name] for name in ("connection_string", "account_url", "sas_token")}
 
 
 def pick_lake(values: Values):
@@ -548,8 +552,7 @@ def pick_lake(values: Values):
 
     try:
         lake.ensure_installed()
-        credentials = {BY_NAME[name].variable: values[name] for name in ("connection_string", "account_url", "sas_token")}
-        return lake.target_from(str(raw), credentials, base)
+        return lake.target_from(str(raw), azure_credentials(values), base)
     except ImportError as exc:
         raise UsageError(str(exc)) from None
     except ValueError as exc:
