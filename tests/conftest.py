@@ -124,6 +124,20 @@ def cli(tmp_path, standin):
     return Cli(tmp_path, standin)
 
 
+def missing(what: str) -> None:
+    """A service or tool test.sh provides is not there: the test fails under CI, and is skipped elsewhere."""
+    message = f"{what}: run the tests with `bash test.sh`"
+    pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+
+
+def environment_python(variable: str, what: str) -> str:
+    """The interpreter of a tool's own virtual environment (test.sh makes them under .test-envs/)."""
+    python = os.environ.get(variable, "")
+    if not Path(python).is_file():
+        missing(f"{what}'s environment is missing")
+    return python
+
+
 # Azurite, started by test.sh: its address and key come in AZURITE_* variables.
 
 
@@ -131,10 +145,7 @@ def cli(tmp_path, standin):
 def azurite():
     names = ("AZURITE_BLOB_ENDPOINT", "AZURITE_ACCOUNT", "AZURITE_KEY")
     if not all(os.environ.get(n) for n in names):
-        message = "Azurite is not running: run the tests with `bash test.sh`"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        missing("Azurite is not running")
     endpoint, account, key = (os.environ[n] for n in names)
     return {
         "account": account,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, environment_python
 
 pytestmark = pytest.mark.slow
 
@@ -55,11 +55,7 @@ except ValueError as exc:
 
 @pytest.fixture(scope="module")
 def airflow_python():
-    python = os.environ.get("AIRFLOW_PYTHON", "")
-    if not Path(python).is_file():
-        message = "Airflow's environment is missing: run the tests with `bash test.sh`"
-        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
-    return python
+    return environment_python("AIRFLOW_PYTHON", "Airflow")
 
 
 def in_airflow(python: str, script: str, *args: str, home: Path, project: Path) -> dict:

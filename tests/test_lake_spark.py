@@ -4,10 +4,11 @@ Spark without the delta-spark jars can do, and what Databricks, Fabric and Synap
 import json
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 from deltalake import DeltaTable
+
+from tests.conftest import environment_python
 
 pytestmark = pytest.mark.slow
 
@@ -31,11 +32,7 @@ spark.stop()
 
 @pytest.fixture(scope="module")
 def spark_python():
-    python = os.environ.get("SPARK_PYTHON", "")
-    if not Path(python).is_file():
-        message = "pyspark's environment is missing: run the tests with `bash test.sh`"
-        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
-    return python
+    return environment_python("SPARK_PYTHON", "pyspark")
 
 
 def test_spark_reads_timestamps_and_longs_from_the_active_files(cli, standin, spark_python):
