@@ -150,8 +150,6 @@ class Lake:
         self.policy = policy
         self.table = None
         self.table_id = ""
-        self.loaded = 0  # files loaded by this run
-        self.misfits = 0
         self.failure: str | None = None  # the first failure stops the stage; the next run loads what is missing
         self.sleep = time.sleep  # between commits that met another writer's (the tests pass their own)
 
@@ -240,7 +238,6 @@ class Lake:
                         lake=self.target.label, table_id=self.table_id, version=self.table.version(),
                         loaded_at=iso_utc(now_utc()))
         append_manifest(self.data_dir / MANIFEST_NAME, line)
-        self.loaded += 1
         log.info("Lake: %s loaded as version %d of %s (%d hour(s), %.1fs)", record.file, line.version,
                  self.target.label, len(hours), time.monotonic() - began)
         return line
@@ -286,7 +283,6 @@ class Lake:
         if converter.misfits:
             log.warning("Lake: %s: %d value(s) did not fit their column's type and are kept as JSON in other_fields",
                         record.file, converter.misfits)
-        self.misfits += converter.misfits
 
     def _check_schema(self) -> None:
         from lake_schema import SCHEMA
