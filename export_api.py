@@ -31,7 +31,6 @@ log = logging.getLogger("fetch_data")
 USER_AGENT = "amplitude-eu-export/1.0 (fetch_data.py)"
 CONNECT_TIMEOUT = 10.0
 RETRY_AFTER_CAP = 60.0
-CHUNK_BYTES = 256 << 10  # read and written at a time: five downloads at once stay within the memory budget
 ERROR_BODY_CHARS = 200
 ERROR_BODY_BYTES = 4096
 NO_DATA_TEXT = "Raw data files were not found"  # Amplitude's 404 body for a range without events
@@ -166,7 +165,7 @@ def request_to_file(session, span: Window, api: Api, dest: Path, abandoned: thre
             if response.status_code != 200:
                 return Answer(response.status_code, response.headers, body_start(response), url)
             with create_temp_file(dest) as out:
-                for chunk in response.iter_content(CHUNK_BYTES):
+                for chunk in response.iter_content(api.read_bytes):
                     if abandoned.is_set():
                         break
                     out.write(chunk)

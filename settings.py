@@ -230,6 +230,7 @@ class Api:
     delay_seconds: float
     read_timeout: float
     attempt_timeout: float
+    read_bytes: int = 1 << 20  # of a body read and written at a time; less when several downloads run at once
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,6 +12,7 @@ fails its window.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import signal
@@ -27,6 +28,7 @@ from windows import HOUR, Window
 log = logging.getLogger("fetch_data")
 
 SPANS_PER_WORKER = 2  # spans in flight and spans waiting, so that writing never waits for a whole download
+READ_BYTES = 256 << 10  # of each body at a time: five downloads at once stay within the 64 MB budget
 
 
 def plan_spans(window: Window, count: int) -> list[Window]:
@@ -114,10 +116,10 @@ class Spans:
             rename_temp_file(zip_path, target)
             kept.append(target)
 
-        settings = self.settings
+        api = dataclasses.replace(self.settings.api, read_bytes=READ_BYTES)
         try:
-            with self.pace.slot(), open_session(settings.api) as session:
-                fetch(span, session, settings.api, keep, settings.data_dir, on_failure=self.pace.heard)
+            with self.pace.slot(), open_session(api) as session:
+                fetch(span, session, api, keep, self.settings.data_dir, on_failure=self.pace.heard)
             return [(span, path) for path in kept]
         except TooLarge as exc:
             for path in kept:
