@@ -29,7 +29,7 @@ from typing import Annotated
 
 import msgspec
 
-from errors import ExportError
+from errors import ExportError, first_text_line
 from windows import FIRST_YEAR, LAST_YEAR, Window, format_hour, hours_between, iso_utc
 
 log = logging.getLogger("fetch_data")
@@ -158,17 +158,21 @@ def check_window(start: str, end: str) -> None:
         raise ValueError(f"end {end} is before start {start}")
 
 
-VALID_DAYS = frozenset(
-    f"{dt.date(FIRST_YEAR, 1, 1) + dt.timedelta(days=n):%Y%m%d}"
-    for n in range((dt.date(LAST_YEAR, 12, 31) - dt.date(FIRST_YEAR, 1, 1)).days + 1)
-)
-
-
 def check_hour(text: str) -> None:
-    if text[:8] not in VALID_DAYS or text[9:11] > "23":
+    if not is_real_day(text[:8]) or text[9:11] > "23":
         if not FIRST_YEAR <= int(text[:4]) <= LAST_YEAR:
             raise ValueError(f"{text}: the year is outside {FIRST_YEAR} to {LAST_YEAR}")
         raise ValueError(f"{text}: no such hour")
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def is_real_day(digits: str) -> bool:
+    """YYYYMMDD is a real day of FIRST_YEAR to LAST_YEAR; remembered, as a manifest names few days many times."""
+    try:
+        day = dt.date(int(digits[0:4]), int(digits[4:6]), int(digits[6:8]))
+    except ValueError:
+        return False
+    return FIRST_YEAR <= day.year <= LAST_YEAR and f"{day:%Y%m%d}" == digits
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -248,7 +252,7 @@ def records_of(scanned: Iterator[tuple[Head, bytes, int]], manifest: Path | None
 
 
 def warn_of_line(manifest: Path, number: int, exc: Exception) -> None:
-    log.warning("%s line %d is not a manifest record (%s); ignored", manifest, number, one_line(exc))
+    log.warning("%s line %d is not a manifest record (%s); ignored", manifest, number, first_text_line(exc))
 
 
 def exports_between(manifest: Path, first: dt.datetime, last: dt.datetime, repair: bool = True) -> list[Export]:
@@ -306,10 +310,6 @@ def append_manifest(manifest: Path, record: Export | Upload | LakeLoad) -> None:
         out.write(ENCODE(record) + b"\n")
         out.flush()
         os.fsync(out.fileno())
-
-
-def one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:200]
 
 
 # Which hours are exported.
