@@ -133,7 +133,7 @@ def run_mode(settings: Settings) -> Outcome:
             outcome.exit_code = report.run(settings, outcome)
             return outcome
         if settings.lake_maintain:
-            lake = open_lake(settings.lake, settings.data_dir, settings.policy)
+            lake = open_lake(settings.lake, settings.data_dir, settings.policy, create=False)
             outcome.mode, outcome.lake_version = "lake-maintain", lake.maintain(settings.lake_retention_days)
             return outcome
         with serve_demo_if_asked(settings) as settings:

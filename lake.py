@@ -26,7 +26,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from archive import read_lines
-from errors import ExportError
+from errors import ExportError, UsageError
 from store import DECODE_LAKE, MANIFEST_NAME, Export, LakeLoad, append_manifest, file_key, file_state, hour_of, marked_lines
 from windows import HOUR, format_hour, hours_between, iso_utc, now_utc
 
@@ -42,6 +42,7 @@ LINE_LIMIT = 1 << 40  # the files were checked line by line when exported: any l
 COMMIT_ATTEMPTS = 5
 METADATA = "amplitude_export"  # the prefix of this program's keys in a commit's metadata
 AZURE_URI = re.compile(r"^(?:az|abfss?)://", re.IGNORECASE)
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # delta-rs colours the arrows of its error chains
 
 
 class LakeError(ExportError):
@@ -71,15 +72,17 @@ def ensure_installed() -> None:
         raise ImportError(f"--lake needs the Delta Lake packages: {install}") from None
 
 
-def target_from(text: str, credentials, base: Path) -> LakeTarget:
-    """The table from --lake: a local folder (relative to `base`), or az:// or abfss:// with the Azure credentials
-    of --upload (a mapping by variable name); ValueError with a one-line reason when they do not add up."""
+def target_from(text: str, credentials, base: Path, own_folders: dict[str, Path] | None = None) -> LakeTarget:
+    """The table from --lake: a local folder (relative to `base`, apart from `own_folders`), or az:// or abfss://
+    with the Azure credentials of --upload (a mapping by variable name); ValueError with a one-line reason when
+    they do not add up."""
     text = text.strip()
     if not AZURE_URI.match(text):
         if "://" in text:
             raise ValueError(f"{text!r}: expected a folder, az://<container>/<path> or "
                              "abfss://<container>@<account>.dfs.core.windows.net/<path>")
         folder = (base / Path(text).expanduser()).resolve()
+        check_table_folder(folder, own_folders or {})
         return LakeTarget(str(folder), str(folder))
     container, account, path = parse_azure_uri(text)
     import azure_upload
@@ -88,6 +91,21 @@ def target_from(text: str, credentials, base: Path) -> LakeTarget:
     target = azure_upload.target_from(credentials, container, "", needed_by="an Azure URI")
     options = storage_options(target, account)
     return LakeTarget(f"az://{container}/{path}", text, options, target)
+
+
+def check_table_folder(folder: Path, own_folders: dict[str, Path]) -> None:
+    """A table's folder is its own: a VACUUM (here or in Databricks, Spark, Fabric) removes the files in it that
+    the table does not know, so it must not hold the data or log folder, nor files of anything else."""
+    for name, own in own_folders.items():
+        if own.resolve().is_relative_to(folder):
+            where = f"is the {name}" if own.resolve() == folder else f"holds the {name}, {own}"
+            raise ValueError(f"{folder} {where}: give the table a folder of its own (a VACUUM removes files the "
+                             "table does not know)")
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is a file, not a folder")
+    if folder.is_dir() and not (folder / "_delta_log").is_dir() and any(folder.iterdir()):
+        raise ValueError(f"{folder} holds files and no Delta table: give the table a folder of its own, new or "
+                         "empty (a VACUUM removes files the table does not know)")
 
 
 def parse_azure_uri(text: str) -> tuple[str, str | None, str]:
@@ -132,12 +150,12 @@ def storage_options(target, account: str | None) -> dict[str, str]:
     return options
 
 
-def open_lake(target: LakeTarget | None, data_dir: Path, policy: dict | None) -> Lake | None:
+def open_lake(target: LakeTarget | None, data_dir: Path, policy: dict | None, create: bool = True) -> Lake | None:
     """The table of --lake, opened (or created) before anything is exported; None without --lake."""
     if target is None:
         return None
     lake = Lake(target, data_dir, policy)
-    lake.open()
+    lake.open(create)
     return lake
 
 
@@ -157,8 +175,8 @@ class Lake:
     def version(self) -> int | None:
         return self.table.version() if self.table is not None else None
 
-    def open(self) -> None:
-        """The table at the URI, created (and its container) when missing."""
+    def open(self, create: bool = True) -> None:
+        """The table at the URI, created (and its container) when missing, or else a usage error."""
         from deltalake import DeltaTable
 
         from lake_schema import PARTITION_BY, SCHEMA
@@ -174,6 +192,8 @@ class Lake:
             if DeltaTable.is_deltatable(self.target.uri, storage_options=self.target.storage_options):
                 self.table = DeltaTable(self.target.uri, storage_options=self.target.storage_options)
                 self._check_schema()
+            elif not create:
+                raise UsageError(f"--lake: no Delta table at {self.target.label}")
             else:
                 self.table = DeltaTable.create(
                     self.target.uri, SCHEMA, mode="ignore", partition_by=PARTITION_BY,
@@ -335,10 +355,10 @@ class described:
         return self
 
     def __exit__(self, kind, exc, traceback):
-        if exc is None or isinstance(exc, (LakeError, LakeConflict, FileChanged, KeyboardInterrupt)):
+        if exc is None or isinstance(exc, (LakeError, LakeConflict, FileChanged, UsageError, KeyboardInterrupt)):
             return False
         if isinstance(exc, Exception):
-            reason = scrub(" ".join(str(exc).split())[:300], self.target.secrets())
+            reason = scrub(" ".join(ANSI_ESCAPE.sub("", str(exc)).split())[:300], self.target.secrets())
             raise LakeError(f"cannot {self.doing} the lake at {self.target.label}: {type(exc).__name__}: {reason}") \
                 from None
         return False

@@ -548,12 +548,15 @@ def pick_lake(values: Values):
     """The Delta table of --lake, its packages and credentials checked before any export; None without it."""
     raw, source, base = values.raw(BY_NAME["lake"])
     if not raw or not str(raw).strip():
+        if values.given("lake"):
+            raise UsageError("--lake: empty; give a folder, az://<container>/<path> or abfss://...")
         return None
     import lake
 
     try:
         lake.ensure_installed()
-        return lake.target_from(str(raw), azure_credentials(values), base)
+        return lake.target_from(str(raw), azure_credentials(values), base,
+                                {"data folder": values["data_dir"], "log folder": values["log_dir"]})
     except ImportError as exc:
         raise UsageError(str(exc)) from None
     except ValueError as exc:

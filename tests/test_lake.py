@@ -367,6 +367,34 @@ def test_a_bad_lake_setting_is_one_line_and_exit_2(cli, standin):
     assert standin.requests == []
 
 
+@pytest.mark.parametrize("where", ["data folder", "its parent", "log folder", "a file", "a folder of files", "empty"])
+def test_a_table_folder_that_is_not_its_own_is_refused_before_any_request(cli, standin, where):
+    """A VACUUM (here or in another engine) removes the files a table does not know: the exporter's own folders,
+    or anything else, must never be inside one."""
+    (cli.workdir / "notes.txt").write_text("a file of the user's")
+    (cli.workdir / "papers").mkdir()
+    (cli.workdir / "papers" / "draft.txt").write_text("kept")
+    folder, message = {
+        "data folder": (str(cli.data), f"{cli.data} is the data folder"),
+        "its parent": (str(cli.data.parent), f"{cli.data.parent} holds the data folder, {cli.data}"),
+        "log folder": ("logs-here", "is the log folder"),
+        "a file": ("notes.txt", "notes.txt is a file, not a folder"),
+        "a folder of files": ("papers", "papers holds files and no Delta table"),
+        "empty": ("", "--lake: empty"),
+    }[where]
+    result = cli.run(*DAY, "--lake", folder, "--log-dir", "logs-here")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("Error: --lake: ") and message in result.stderr
+    assert len(result.stderr.splitlines()) == 1 and standin.requests == []
+    assert not list(cli.workdir.rglob("_delta_log")) and (cli.workdir / "papers" / "draft.txt").exists()
+
+
+def test_maintaining_a_table_that_is_not_there_creates_none(cli, standin):
+    result = cli.run("--lake", "typo", "--lake-maintain")
+    assert result.returncode == 2 and "--lake: no Delta table at" in result.stderr and "Traceback" not in result.stderr
+    assert not (cli.workdir / "typo").exists() and standin.requests == []
+
+
 def test_lake_without_its_packages_says_which_file_to_install(cli, standin, tmp_path):
     shadow = tmp_path / "shadow" / "deltalake"
     shadow.mkdir(parents=True)
@@ -428,6 +456,13 @@ def test_a_commit_that_meets_another_writers_is_tried_again(tmp_path, monkeypatc
     loaded = table.load(record)
     assert len(calls) == 3 and waits == [1, 2]
     assert loaded.version == 1 and DeltaTable(tmp_path / "t").to_pyarrow_table().num_rows == 50
+
+
+def test_delta_errors_come_without_colour_codes_or_secrets():
+    target = lake.LakeTarget("/t", "/t", {"account_key": "S3cr3tKey"})
+    with pytest.raises(lake.LakeError) as caught, lake.described(target, "open"):
+        raise OSError("Generic error \x1b[31m↳\x1b[0m key S3cr3tKey\n  refused")
+    assert str(caught.value) == "cannot open the lake at /t: OSError: Generic error ↳ key *** refused"
 
 
 def test_secrets_are_scrubbed_from_delta_errors():
