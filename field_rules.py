@@ -25,7 +25,6 @@ CACHE_ENTRIES = 16_384  # pseudonyms remembered per field (about 3 MB each): the
 
 OBJECT = msgspec.json.Decoder(dict[str, msgspec.Raw])
 ENCODE = msgspec.json.Encoder().encode
-NULL = msgspec.Raw(b"null")
 FORMAT = msgspec.json.format
 
 
@@ -123,7 +122,8 @@ class Pseudonymiser:
     def __init__(self, rules: FieldRules):
         self.rules = rules
         self._plan = plan_of([(split_path(p), p) for p in rules.dropped], [(split_path(p), p) for p in rules.hashed])
-        self._key = rules.key
+        # The standard library's HMAC, keyed once: each value costs a copy, an update and a digest, all in C.
+        self._hmac = hmac.new(rules.key, digestmod=hashlib.sha256)
         # One memory per field name, so that IDs seen once (device IDs of one-time visitors) do not push out the
         # users who come back all day.
         self._pseudonyms: dict[str, dict[bytes, msgspec.Raw]] = collections.defaultdict(dict)
@@ -161,20 +161,34 @@ class Pseudonymiser:
         return changed
 
     def _edit(self, event: dict, plan: Plan) -> bool:
-        if self._unmatched:
-            self._note_matches(event, plan)
         changed = False
-        pop, get = event.pop, event.get
-        for name, _ in plan.dropped:
-            if pop(name, None) is not None:
+        unmatched = self._unmatched
+        for name, path in plan.dropped:
+            if event.pop(name, None) is not None:
                 changed = True
+                if unmatched:
+                    unmatched.discard(path)
         for name, path in plan.hashed:
-            value = get(name)
-            if value is not None and value != NULL:  # null stays null
-                event[name] = self._pseudonym(path, bytes(value))
-                changed = True
+            value = event.get(name)
+            if value is None:
+                continue
+            if unmatched:
+                unmatched.discard(path)
+            raw = bytes(value)
+            if raw == b"null":  # null stays null
+                continue
+            known = self._pseudonyms[path]
+            pseudonym = known.get(raw)
+            if pseudonym is None:
+                if len(known) >= CACHE_ENTRIES:  # IDs seen once must not grow the memory without bound
+                    known.clear()
+                mac = self._hmac.copy()
+                mac.update(text_to_hash(raw))
+                pseudonym = known[raw] = msgspec.Raw(b'"%b"' % mac.hexdigest().encode())
+            event[name] = pseudonym
+            changed = True
         for name, inner_plan in plan.nested:
-            value = get(name)
+            value = event.get(name)
             if value is not None:
                 raw = bytes(value)
                 if raw[:1] == b"{":
@@ -183,23 +197,6 @@ class Pseudonymiser:
                         event[name] = msgspec.Raw(ENCODE(inner))
                         changed = True
         return changed
-
-    def _pseudonym(self, path: str, raw: bytes) -> msgspec.Raw:
-        known = self._pseudonyms[path]
-        pseudonym = known.get(raw)
-        if pseudonym is None:
-            if len(known) >= CACHE_ENTRIES:  # IDs seen once must not grow the memory without bound
-                known.clear()
-            # The standard library's one-shot HMAC: one call into OpenSSL for each new value.
-            digest = hmac.digest(self._key, text_to_hash(raw), "sha256")
-            pseudonym = known[raw] = msgspec.Raw(b'"%b"' % digest.hex().encode())
-        return pseudonym
-
-    def _note_matches(self, event: dict, plan: Plan) -> None:
-        """Paths the event carries are off the unmatched list (nested ones once the object holding them is seen)."""
-        for name, path in plan.dropped + plan.hashed:
-            if name in event:
-                self._unmatched.discard(path)
 
 
 def has_duplicates(raw: bytes, decoded: dict) -> bool:
