@@ -1,0 +1,79 @@
+"""Instructions an event for the two costliest stages, counted by callgrind: repeatable where wall time is not.
+
+    .venv/bin/python bench/instructions.py
+
+Wall times on a shared 2-core machine vary by a quarter from one run to the next; callgrind counts the same
+instructions for the same code and input whatever else the machine does. Each stage runs on the first hour of the
+benchmark's 250 MB archive (built by bench.py and cached in bench/work/), once with no batch and once with two, so
+that start-up and imports cancel out. Needs valgrind (Debian's package) and requirements-lake.txt.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from isal import igzip
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import ensure_archive  # noqa: E402
+
+SIZE_MB, KIND = 250, "distinct"
+ROUNDS = 2
+STAGES = {
+    # The lake's conversion of one batch of lines into a typed record batch (lake.BATCH_EVENTS lines).
+    "lake conversion": 8_192,
+    # bench.py's "rules": 3 fields dropped, user_id and device_id pseudonymised, every device_id new.
+    "field rules": 4_000,
+}
+
+
+def main() -> int:
+    if len(sys.argv) == 4:  # the measured process
+        run_stage(sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]))
+        return 0
+    archive, _ = ensure_archive(SIZE_MB, KIND)
+    for stage, events in STAGES.items():
+        counted = [count_instructions(stage, rounds, archive) for rounds in (0, ROUNDS)]
+        print(f"{stage}: {(counted[1] - counted[0]) // (ROUNDS * events):,} instructions an event")
+    return 0
+
+
+def count_instructions(stage: str, rounds: int, archive: Path) -> int:
+    command = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+               sys.executable, __file__, stage, str(rounds), str(archive)]
+    finished = subprocess.run(command, capture_output=True, text=True, check=True)
+    return int(re.search(r"refs:\s+([\d,]+)", finished.stderr).group(1).replace(",", ""))
+
+
+def run_stage(stage: str, rounds: int, archive: Path) -> None:
+    with zipfile.ZipFile(archive) as opened:
+        first = opened.infolist()[0]
+        lines = igzip.decompress(opened.read(first)).split(b"\n")[: STAGES[stage]]
+    if stage == "lake conversion":
+        from lake_schema import Converter
+
+        hour = dt.datetime(2025, 11, 1, tzinfo=dt.UTC)
+        converter = Converter()
+        converter.batch(lines[:100], [(hour, 100)])  # decoders built and modules warm before counting starts
+        for _ in range(rounds):
+            converter.batch(lines, [(hour, len(lines))])
+    else:
+        from bench import HASH_KEY, RULES
+        from field_rules import Pseudonymiser, rules_from
+
+        pseudonymiser = Pseudonymiser(rules_from(RULES[1], RULES[3], HASH_KEY))
+        pseudonymiser.apply(lines[:10])
+        for _ in range(rounds):
+            pseudonymiser._pseudonyms.clear()  # every value new each round, as on the benchmark's day
+            pseudonymiser.apply(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
