@@ -77,6 +77,23 @@ def test_every_event_of_the_archives_rebuilds_from_its_row():
         assert rebuilt == [json.loads(line) for line in lines]
 
 
+def test_a_row_names_the_same_absent_keys_whether_or_not_its_batch_agrees():
+    """A batch whose events all lack the same keys gets one absent_fields text; a mixed batch joins it row by row."""
+    uniform = [b'{"event_type":"a","city":"x","event_properties":{}}',
+               b'{"event_type":"b","city":null,"event_properties":{"k":1}}']
+    mixed = [*uniform, b'{"event_type":"c"}']
+
+    def rows(lines):
+        return lake_schema.Converter().batch(lines, [(hour("20251101T00"), len(lines))]).to_pylist()
+
+    assert [row["absent_fields"] for row in rows(uniform)] == [row["absent_fields"] for row in rows(mixed)[:2]]
+    absent = json.loads(rows(mixed)[2]["absent_fields"])
+    assert {"city", "event_properties"} <= set(absent) and "event_type" not in absent
+    assert "city" not in json.loads(rows(uniform)[0]["absent_fields"])
+    complete = b"{" + b",".join(b'"%s":null' % key.encode() for key in lake_schema.DOCUMENTED) + b"}"
+    assert [row["absent_fields"] for row in rows([complete, complete])] == [None, None]
+
+
 def test_values_get_their_natural_types_and_misfits_are_kept_as_json():
     converter = lake_schema.Converter()
     rows = converter.batch(ODD_LINES, [(hour("20251101T05"), len(ODD_LINES))]).to_pylist()
