@@ -101,9 +101,13 @@ def check_table_folder(folder: Path, own_folders: dict[str, Path]) -> None:
             where = f"is the {name}" if own.resolve() == folder else f"holds the {name}, {own}"
             raise ValueError(f"{folder} {where}: give the table a folder of its own (a VACUUM removes files the "
                              "table does not know)")
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{folder} is a file, not a folder")
-    if folder.is_dir() and not (folder / "_delta_log").is_dir() and any(folder.iterdir()):
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"{folder} is a file, not a folder")
+        other_files = folder.is_dir() and not (folder / "_delta_log").is_dir() and any(folder.iterdir())
+    except OSError as exc:
+        raise ValueError(f"{folder}: {exc.strerror or exc}") from None
+    if other_files:
         raise ValueError(f"{folder} holds files and no Delta table: give the table a folder of its own, new or "
                          "empty (a VACUUM removes files the table does not know)")
 

@@ -406,6 +406,18 @@ def test_a_table_folder_that_is_not_its_own_is_refused_before_any_request(cli, s
     assert not list(cli.workdir.rglob("_delta_log")) and (cli.workdir / "papers" / "draft.txt").exists()
 
 
+def test_a_table_folder_that_cannot_be_read_is_one_reason(tmp_path, monkeypatch):
+    folder = tmp_path / "t"
+    folder.mkdir()
+
+    def refuse(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(type(folder), "iterdir", refuse)
+    with pytest.raises(ValueError, match=f"^{folder}: Permission denied$"):
+        lake.check_table_folder(folder, {})
+
+
 def test_maintaining_a_table_that_is_not_there_creates_none(cli, standin):
     result = cli.run("--lake", "typo", "--lake-maintain")
     assert result.returncode == 2 and "--lake: no Delta table at" in result.stderr and "Traceback" not in result.stderr
