@@ -35,6 +35,7 @@ log = logging.getLogger("fetch_data")
 PROJECT = Path(__file__).resolve().parent
 REQUIREMENTS_FILE = "requirements-lake.txt"
 BATCH_EVENTS = 8_192  # lines converted at a time: their Python values and Arrow columns stay in tens of megabytes
+BATCH_BYTES = 16 << 20  # or fewer, when the events are big: a batch of 8,192 events of a megabyte would take gigabytes
 # Parquet row groups are held in memory until written: delta-rs's default (a million rows) costs a big day's load
 # hundreds of megabytes more; this many rows keeps it under 400 MB and still suits readers.
 ROW_GROUP_ROWS = 65_536
@@ -469,14 +470,16 @@ def event_lines(path: Path, digest=None):
 
             source = igzip.IGzipFile(fileobj=source, mode="rb")
         pending: list[bytes] = []
+        held = 0
         for _, _, lines in read_lines(source, path.name, LINE_LIMIT):
             for line in lines:
                 if line in (b"[", b"]", b"[]", b""):
                     continue
                 pending.append(line[:-1] if line.endswith(b",") else line)
-            if len(pending) >= BATCH_EVENTS:
+                held += len(line)
+            if len(pending) >= BATCH_EVENTS or held >= BATCH_BYTES:
                 yield pending
-                pending = []
+                pending, held = [], 0
         if digest:
             while source.read(1 << 20):  # the bytes after the last line (a gzip trailer) count too
                 pass
