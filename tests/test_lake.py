@@ -42,6 +42,18 @@ def canonical(events) -> list[str]:
     return sorted(json.dumps(event, sort_keys=True) for event in events)
 
 
+def parquet_codecs(table) -> set[str]:
+    """The compression of every column chunk of every Parquet file under the table's folder."""
+    import pyarrow.parquet as pq
+
+    codecs = set()
+    for path in table.rglob("*.parquet"):
+        metadata = pq.ParquetFile(path).metadata
+        codecs |= {metadata.row_group(group).column(column).compression
+                   for group in range(metadata.num_row_groups) for column in range(metadata.num_columns)}
+    return codecs
+
+
 def lake_lines(cli) -> list[dict]:
     return [line for line in cli.manifest() if "table_id" in line]
 
@@ -199,6 +211,7 @@ def test_a_day_goes_into_a_typed_table_readers_count_exactly(cli, standin):
     assert (protocol.min_reader_version, protocol.min_writer_version) == (1, 2)
     assert not protocol.reader_features and not protocol.writer_features  # no timestampNtz: Synapse reads it
     assert found.metadata().partition_columns == ["export_date"]
+    assert parquet_codecs(table) == {"SNAPPY"}
 
     frame = pl.scan_delta(str(table)).collect()
     assert frame.schema["event_time"] == pl.Datetime("us", "UTC") and frame.schema["amplitude_id"] == pl.Int64
@@ -360,6 +373,7 @@ def test_lake_maintain_compacts_and_vacuums(cli, standin):
     assert len(after.file_uris()) < files_before and after.to_pyarrow_table().num_rows == rows_before
     parquet = list((cli.workdir / "lake").rglob("*.parquet"))
     assert len(parquet) == len(after.file_uris())  # the replaced files are gone from the folder
+    assert parquet_codecs(cli.workdir / "lake") == {"SNAPPY"}
     assert json.loads(result.stdout.splitlines()[-1])["lake_version"] == after.version()
 
 
