@@ -39,8 +39,8 @@ BATCH_BYTES = 16 << 20  # or fewer, when the events are big: a batch of 8,192 ev
 # Parquet row groups are held in memory until written: delta-rs's default (a million rows) costs a big day's load
 # hundreds of megabytes more; this many rows keeps it under 400 MB and still suits readers.
 ROW_GROUP_ROWS = 65_536
-# Spark's own default, which every reader of the table reads: half the size of uncompressed Parquet (31 MB against
-# 56 MB for the benchmark's 250 MB day) in the same time.
+# Spark's own default, which every reader of the table reads: about half the size of uncompressed Parquet, written
+# in the same time.
 COMPRESSION = "SNAPPY"
 LINE_LIMIT = 1 << 40  # the files were checked line by line when exported: any length is read back
 COMMIT_ATTEMPTS = 5
