@@ -199,11 +199,11 @@ def run_export(settings: Settings, outcome: Outcome) -> int:
         lake = open_lake(settings.lake, data_dir, settings.policy)
         changed = uploads.changed if uploads else set()
         first, last = settings.windows[0].start, settings.windows[-1].end
-        in_range = store.exports_between(data_dir / MANIFEST_NAME, first, last)
-        todo = plan_todo(settings, [record for record in in_range if record.file not in changed])
+        in_range = [record for record in store.exports_between(data_dir / MANIFEST_NAME, first, last)
+                    if record.file not in changed]
+        todo = plan_todo(settings, in_range)
         if lake:
-            lake.fill([record for record in in_range if record.file not in changed],
-                      {hour for window in todo for hour in hours_between(window.start, window.end)})
+            lake.fill(in_range, {hour for window in todo for hour in hours_between(window.start, window.end)})
         warn_if_fresh(todo, settings.started)
         outcome.start, outcome.end, outcome.windows_planned = format_hour(first), format_hour(last), len(todo)
         outcome.hours_already = sum(w.hours for w in settings.windows) - sum(w.hours for w in todo)

@@ -101,8 +101,9 @@ def check_table_folder(folder: Path, own_folders: dict[str, Path]) -> None:
     """A table's folder is its own: a VACUUM (here or in Databricks, Spark, Fabric) removes the files in it that
     the table does not know, so it must not hold the data or log folder, nor files of anything else."""
     for name, own in own_folders.items():
-        if own.resolve().is_relative_to(folder):
-            where = f"is the {name}" if own.resolve() == folder else f"holds the {name}, {own}"
+        resolved = own.resolve()
+        if resolved.is_relative_to(folder):
+            where = f"is the {name}" if resolved == folder else f"holds the {name}, {own}"
             raise ValueError(f"{folder} {where}: give the table a folder of its own (a VACUUM removes files the "
                              "table does not know)")
     try:

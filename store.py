@@ -2,9 +2,9 @@
 
 The manifest (`manifest.jsonl`) is the record of every file put in place (an Export line), every file uploaded
 (an Upload line) and every file loaded into the lake (a LakeLoad line); lines are typed records, validated here and
-only here. A file is written beside its final name,
-fsynced, its manifest line journaled, then linked under its final name and recorded. The lock keeps one run per
-folder. The exporter's own files are never opened through a link.
+only here. A file is written beside its final name, fsynced, its manifest line journaled, then linked under its
+final name and recorded. The lock keeps one run per folder. The exporter's own files are never opened through a
+link.
 """
 
 from __future__ import annotations
