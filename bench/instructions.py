@@ -68,11 +68,10 @@ def run_stage(stage: str, rounds: int, archive: Path) -> None:
         from bench import HASH_KEY, RULES
         from field_rules import Pseudonymiser, rules_from
 
-        pseudonymiser = Pseudonymiser(rules_from(RULES[1], RULES[3], HASH_KEY))
-        pseudonymiser.apply(lines[:10])
-        for _ in range(rounds):
-            pseudonymiser._pseudonyms.clear()  # every value new each round, as on the benchmark's day
-            pseudonymiser.apply(lines)
+        rules = rules_from(RULES[1], RULES[3], HASH_KEY)
+        Pseudonymiser(rules).apply(lines[:10])
+        for _ in range(rounds):  # a new one each round: every value new, as on the benchmark's day
+            Pseudonymiser(rules).apply(lines)
 
 
 if __name__ == "__main__":
