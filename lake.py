@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from archive import read_lines
 from errors import ExportError, UsageError
+from lake_convert import worker_count
 from store import DECODE_LAKE, MANIFEST_NAME, Export, LakeLoad, append_manifest, file_key, file_state, hour_of, marked_lines
 from windows import HOUR, format_hour, hours_between, iso_utc, now_utc
 
@@ -34,15 +34,12 @@ log = logging.getLogger("fetch_data")
 
 PROJECT = Path(__file__).resolve().parent
 REQUIREMENTS_FILE = "requirements-lake.txt"
-BATCH_EVENTS = 8_192  # lines converted at a time: their Python values and Arrow columns stay in tens of megabytes
-BATCH_BYTES = 16 << 20  # or fewer, when the events are big: a batch of 8,192 events of a megabyte would take gigabytes
 # Parquet row groups are held in memory until written: delta-rs's default (a million rows) costs a big day's load
 # hundreds of megabytes more; this many rows keeps it under 400 MB and still suits readers.
 ROW_GROUP_ROWS = 65_536
 # Spark's own default, which every reader of the table reads: about half the size of uncompressed Parquet, written
 # in the same time.
 COMPRESSION = "SNAPPY"
-LINE_LIMIT = 1 << 40  # the files were checked line by line when exported: any length is read back
 COMMIT_ATTEMPTS = 5
 METADATA = "amplitude_export"  # the prefix of this program's keys in a commit's metadata
 AZURE_URI = re.compile(r"^(?:az|abfss?)://", re.IGNORECASE)
@@ -179,6 +176,7 @@ class Lake:
         self.table_id = ""
         self.failure: str | None = None  # the first failure stops the stage; the next run loads what is missing
         self.sleep = time.sleep  # between commits that met another writer's (the tests pass their own)
+        self.workers = worker_count()  # processes converting a file's events side by side (lake_convert)
 
     @property
     def version(self) -> int | None:
@@ -293,10 +291,11 @@ class Lake:
         from deltalake import CommitProperties, write_deltalake
         from deltalake.exceptions import CommitFailedError
 
-        from lake_schema import SCHEMA, Converter
+        from lake_schema import SCHEMA
 
-        converter = Converter()
-        batches = Remembering(record_batches(self.data_dir / record.file, record, converter, hours, check_sha256))
+        counts: dict = {}
+        batches = Remembering(record_batches(self.data_dir / record.file, record, hours, check_sha256, self.workers,
+                                             counts))
         reader = pa.RecordBatchReader.from_batches(SCHEMA, batches)
         try:
             write_deltalake(self.table, reader, mode="overwrite", predicate=hours_predicate(hours),
@@ -309,9 +308,9 @@ class Lake:
             if batches.failure is not None:  # what went wrong reading the file, not what delta-rs made of it
                 raise batches.failure from None
             raise
-        if converter.misfits:
+        if counts.get("misfits"):
             log.warning("Lake: %s: %d value(s) did not fit their column's type and are kept as JSON in other_fields",
-                        record.file, converter.misfits)
+                        record.file, counts["misfits"])
 
     def _check_schema(self) -> None:
         from lake_schema import SCHEMA
@@ -431,26 +430,45 @@ def line_hours(record: Export) -> list[tuple[dt.datetime, int]]:
             for hour, count in runs]
 
 
-def record_batches(path: Path, record: Export, converter, hours: set[dt.datetime], check_sha256: bool):
-    """The file's events as record batches of the hours wanted; FileChanged, before the commit, when the file's
-    bytes are not the recorded ones or its lines do not add up to its events."""
+def record_batches(path: Path, record: Export, hours: set[dt.datetime], check_sha256: bool, workers: int,
+                   counts: dict):
+    """The file's events as record batches of the hours wanted, values that did not fit their type counted in
+    `counts`; FileChanged, before the commit, when the file's bytes are not the recorded ones or its lines do not
+    add up to its events."""
     import pyarrow as pa
     import pyarrow.compute as pc
+
+    from lake_convert import converted
+    from lake_schema import with_hours
 
     runs = line_hours(record)
     wanted = pa.array(sorted(hours), pa.timestamp("us", tz="UTC"))
     every_hour = set(hours) >= {hour for hour, _ in runs}
-    digest = hashlib.sha256() if check_sha256 else None
+    before = stamp(path)
+    if check_sha256 and sha256_of(path) != record.sha256:
+        raise FileChanged(f"{record.file} is not the file recorded (its sha256 differs)")
     count = 0
-    for lines in event_lines(path, digest):
-        batch_runs = take_runs(runs, len(lines))
+    for events, misfits in converted(path, workers):
+        batch_runs = take_runs(runs, events.num_rows)
         if batch_runs is None:
             raise FileChanged(f"{record.file} holds more events than the {record.events} recorded")
-        batch = converter.batch(lines, batch_runs)
-        count += len(lines)
+        batch = with_hours(events, batch_runs)
+        count += events.num_rows
+        counts["misfits"] = counts.get("misfits", 0) + misfits
         yield batch if every_hour else batch.filter(pc.is_in(batch.column("export_hour"), wanted))
-    if count != record.events or (digest and digest.hexdigest() != record.sha256):
-        raise FileChanged(f"{record.file} is not the file recorded (its events or sha256 differ)")
+    if count != record.events or stamp(path) != before:
+        raise FileChanged(f"{record.file} is not the file recorded (its events differ, or it changed while read)")
+
+
+def stamp(path: Path) -> tuple[int, int, int]:
+    """What tells a file changed while it was read: its inode, size and time of change."""
+    status = path.stat()
+    return status.st_ino, status.st_size, status.st_mtime_ns
+
+
+def sha256_of(path: Path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def take_runs(runs: list[tuple[dt.datetime, int]], lines: int) -> list[tuple[dt.datetime, int]] | None:
@@ -468,53 +486,3 @@ def take_runs(runs: list[tuple[dt.datetime, int]], lines: int) -> list[tuple[dt.
         else:
             runs[0] = (hour, count - used)
     return taken
-
-
-def event_lines(path: Path, digest=None):
-    """The event lines of an exported file (JSON array or JSON lines, gzipped or not) in batches, hashing its bytes
-    into `digest` as they are read."""
-    with open(path, "rb") as raw:
-        source = HashingReader(raw, digest) if digest else raw
-        if path.name.endswith(".gz"):
-            from isal import igzip
-
-            source = igzip.IGzipFile(fileobj=source, mode="rb")
-        pending: list[bytes] = []
-        held = 0
-        for _, _, lines in read_lines(source, path.name, LINE_LIMIT):
-            for line in lines:
-                if line in (b"[", b"]", b"[]", b""):
-                    continue
-                pending.append(line[:-1] if line.endswith(b",") else line)
-                held += len(line)
-            if len(pending) >= BATCH_EVENTS or held >= BATCH_BYTES:
-                yield pending
-                pending, held = [], 0
-        if digest:
-            while source.read(1 << 20):  # the bytes after the last line (a gzip trailer) count too
-                pass
-        if pending:
-            yield pending
-
-
-class HashingReader:
-    """A binary file whose bytes go through a hash as they are read."""
-
-    def __init__(self, raw, digest):
-        self.raw, self.digest = raw, digest
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.raw.read(size)
-        self.digest.update(data)
-        return data
-
-    def readinto(self, buffer) -> int:
-        count = self.raw.readinto(buffer)
-        self.digest.update(memoryview(buffer)[:count])
-        return count
-
-    def readable(self) -> bool:
-        return True
-
-    def __getattr__(self, name):
-        return getattr(self.raw, name)

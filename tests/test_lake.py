@@ -161,17 +161,6 @@ def test_export_hours_come_from_the_members_never_from_event_times():
     assert lake.take_runs(runs, 1) is None
 
 
-def test_big_events_are_converted_a_few_megabytes_at_a_time(tmp_path):
-    """8,192 events a batch, or fewer when they are big: a file of megabyte events must not be held whole."""
-    event = b'{"event_type":"big","event_properties":{"blob":"' + b"x" * (1 << 20) + b'"}}'
-    path = tmp_path / "big.json"
-    path.write_bytes(b"[\n" + b",\n".join([event] * 40) + b"\n]\n")
-    batches = list(lake.event_lines(path))
-    assert sum(map(len, batches)) == 40 and all(line == event for batch in batches for line in batch)
-    assert max(sum(map(len, batch)) for batch in batches) <= lake.BATCH_BYTES + (1 << 21)
-    assert len(batches) >= 40 * (1 << 20) // lake.BATCH_BYTES
-
-
 def test_the_predicate_names_exactly_the_hours_replaced():
     hours = {hour("20251101T22"), hour("20251101T23"), hour("20251102T00"), hour("20251102T05")}
     assert lake.hours_predicate(hours) == (

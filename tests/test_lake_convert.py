@@ -1,0 +1,162 @@
+"""lake_convert: a file shared out in chunks among worker processes, and put back together in the file's order."""
+
+import gzip
+import io
+import random
+import subprocess
+
+import pyarrow as pa
+import pytest
+
+import lake_convert
+import lake_schema
+from tests.conftest import hour
+from tests.test_lake import ODD_LINES, standin_lines
+
+
+def file_of(lines: list[bytes], kind: str, trailing_newline: bool = True) -> bytes:
+    """A file as the exporter writes it: a JSON array (one event a line) or JSON lines."""
+    if kind == "json":
+        text = b"[\n" + b",\n".join(lines) + b"\n]" if lines else b"[]"
+    else:
+        text = b"\n".join(lines)
+    return text + b"\n" if trailing_newline else text
+
+
+def round_robin(path, workers, chunk_bytes) -> list[list[bytes]]:
+    """The workers' chunks in the parent's order, each worker run in this process."""
+    streams = [list(lake_convert.owned_lines(path, worker, workers, chunk_bytes)) for worker in range(workers)]
+    counts = [len(stream) for stream in streams]
+    assert counts == sorted(counts, reverse=True) and counts[0] - counts[-1] <= 1  # turns stay in step
+    return [streams[turn % workers][turn // workers] for turn in range(sum(counts))]
+
+
+def random_lines(rng: random.Random, count: int) -> list[bytes]:
+    """Events of lengths from a few bytes to several chunks."""
+    return [b'{"event_type":"e%d","event_properties":{"pad":"%s"}}' % (index, b"x" * rng.choice([0, 3, 40, 300, 2500]))
+            for index in range(count)]
+
+
+@pytest.mark.parametrize("kind", ["json", "jsonl", "json.gz"])
+def test_every_worker_count_and_chunk_size_gives_back_every_line_once_in_order(tmp_path, kind):
+    rng = random.Random(kind)
+    for case in range(60):
+        lines = random_lines(rng, rng.choice([0, 1, 2, 7, 40]))
+        data = file_of(lines, kind.split(".")[0], trailing_newline=rng.random() < 0.8)
+        path = tmp_path / f"f{case}.{kind}"
+        path.write_bytes(gzip.compress(data) if kind.endswith(".gz") else data)
+        chunk_bytes = rng.choice([1, 2, 7, 64, 500, 4096, 1 << 20])
+        workers = rng.choice([1, 2, 3, 4])
+        chunks = round_robin(path, workers, chunk_bytes)
+        assert [line for chunk in chunks for line in chunk] == lines, (case, chunk_bytes, workers)
+        assert len(chunks) == max(1, -(-len(data) // chunk_bytes)) if data else len(chunks) == 0
+
+
+def test_a_line_longer_than_several_chunks_comes_whole_in_the_chunk_it_starts_in(tmp_path):
+    lines = [b'{"a":1}', b'{"b":"' + b"y" * 100 + b'"}', b'{"c":3}']
+    path = tmp_path / "f.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    chunks = round_robin(path, 3, 10)  # lines start at bytes 0, 8 and 117; the file has 125
+    assert len(chunks) == 13
+    assert chunks[0] == [lines[0], lines[1]]
+    assert chunks[11] == [lines[2]]
+    assert all(chunk == [] for chunk in chunks[1:11] + chunks[12:])  # no line starts in these
+
+
+def test_a_byte_order_mark_and_blank_lines_are_left_out_as_when_exporting():
+    assert lake_convert.event_lines_of(b'\xef\xbb\xbf{"a":1},\n\n[\n]\n{"b":2}') == [b'{"a":1}', b'{"b":2}']
+
+
+def batches_of(path, workers, chunk_bytes) -> tuple[pa.Table, int]:
+    converted = list(lake_convert.converted(path, workers, chunk_bytes))
+    table = pa.Table.from_batches([batch for batch, _ in converted], lake_schema.EVENT_SCHEMA)
+    return table, sum(misfits for _, misfits in converted)
+
+
+def test_worker_processes_give_the_same_rows_and_misfits_as_one_process(tmp_path):
+    lines = standin_lines(3000) + ODD_LINES * 20
+    path = tmp_path / "f.json"
+    path.write_bytes(file_of(lines, "json"))
+    alone = lake_schema.Converter()
+    expected = lake_schema.Converter().events(lines)
+    alone.events(lines)
+    for workers in (1, 2, 3):
+        table, misfits = batches_of(path, workers, 64 << 10)
+        assert table.num_rows == len(lines)
+        assert table.equals(pa.Table.from_batches([expected]))
+        assert misfits == alone.misfits > 0
+
+
+def test_a_file_that_is_not_events_fails_with_the_workers_one_line_and_no_process_left(tmp_path, monkeypatch):
+    started = []
+    popen = subprocess.Popen
+
+    def recording(*args, **kwargs):
+        started.append(popen(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(subprocess, "Popen", recording)
+    path = tmp_path / "f.jsonl"
+    path.write_bytes(b'{"a":1}\n' * 5000 + b"not json\n" + b'{"a":1}\n' * 5000)
+    with pytest.raises(lake_convert.ConversionFailed, match=r"^DecodeError: JSON is malformed"):
+        list(lake_convert.converted(path, 2, 4096))
+    assert len(started) == 2 and all(process.returncode is not None for process in started)
+
+
+def test_a_reader_that_stops_early_leaves_no_worker_running(tmp_path, monkeypatch):
+    started = []
+    popen = subprocess.Popen
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: started.append(popen(*a, **k)) or started[-1])
+    path = tmp_path / "f.jsonl"
+    path.write_bytes(file_of(standin_lines(4000), "jsonl"))
+    batches = lake_convert.converted(path, 2, 8192)
+    next(batches)
+    batches.close()
+    assert len(started) == 2 and all(process.returncode is not None for process in started)
+
+
+def test_read_fully_waits_for_short_reads():
+    class Trickle(io.RawIOBase):
+        def __init__(self, data):
+            self.data = data
+
+        def read(self, size=-1):
+            piece, self.data = self.data[:min(3, size)], self.data[min(3, size):]
+            return piece
+
+    stream = Trickle(b"0123456789")
+    assert lake_convert.read_fully(stream, 7) == b"0123456"
+    assert lake_convert.read_fully(stream, 7) == b"789"
+    assert lake_convert.read_fully(stream, 7) == b""
+
+
+def test_hours_are_added_by_the_parent_in_the_files_order():
+    events = lake_schema.Converter().events([b'{"event_type":"a"}', b'{"event_type":"b"}', b'{"event_type":"c"}'])
+    batch = lake_schema.with_hours(events, [(hour("20251101T03"), 1), (hour("20251101T04"), 2)])
+    assert batch.schema == lake_schema.SCHEMA
+    assert [row["export_hour"].hour for row in batch.to_pylist()] == [3, 4, 4]
+    with pytest.raises(ValueError):
+        lake_schema.with_hours(events, [(hour("20251101T03"), 2)])
+
+
+@pytest.mark.parametrize("kind", ["json", "jsonl", "jsonl.gz"])
+def test_chunks_decoded_whole_give_the_rows_of_the_lines_one_by_one(tmp_path, kind):
+    lines = standin_lines(600) + ODD_LINES + standin_lines(200, seed=8)
+    expected = pa.Table.from_batches([lake_schema.Converter().events(lines)])
+    data = file_of(lines, kind.split(".")[0])
+    path = tmp_path / f"f.{kind}"
+    path.write_bytes(gzip.compress(data) if kind.endswith(".gz") else data)
+    for chunk_bytes in (9_000, 100_000, 1 << 20):
+        batches = [batch for batch, _ in lake_convert.owned_batches(path, 0, 1, chunk_bytes)]
+        assert pa.Table.from_batches(batches, lake_schema.EVENT_SCHEMA).equals(expected), chunk_bytes
+
+
+def test_an_array_text_is_only_taken_when_each_line_is_one_event():
+    assert lake_convert.array_of(b'[\n{"a":1},\n{"b":2}\n]\n', False) == (b'[{"a":1},\n{"b":2}]', 2)
+    assert lake_convert.array_of(b'{"a":1},\n{"b":2},\n', False) == (b'[{"a":1},\n{"b":2}]', 2)
+    assert lake_convert.array_of(b'{"a":1}\n{"b":2}\n', True) == (b'[{"a":1},{"b":2}]', 2)
+    assert lake_convert.array_of(b"[]\n", False) == (None, 0)
+    converter = lake_schema.Converter()
+    two_on_a_line = lake_convert.array_of(b'{"event_type":"a"},{"event_type":"b"}\n', True)
+    assert converter.events_of_array(*two_on_a_line) is None  # one line, two events: line by line, where it fails
+    assert converter.events_of_array(b'[{"event_type":"a"},{"event_type":"b"}]', 2).num_rows == 2
