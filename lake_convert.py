@@ -19,8 +19,8 @@ from pathlib import Path
 
 from archive import UTF8_BOM, without_boms
 
-CHUNK_BYTES = 4 << 20  # a few thousand events: their Python values stay in tens of megabytes in each worker
-MAX_WORKERS = 4  # each holds about 100 MB (Python, pyarrow and a chunk's values)
+CHUNK_BYTES = 2 << 20  # a few thousand events: a worker then holds about 100 MB, Python and pyarrow included
+MAX_WORKERS = 4  # at about 100 MB each
 MISFITS = b"misfits"  # the batch metadata that counts values kept in other_fields
 WORKER = Path(__file__).resolve()
 
@@ -30,7 +30,9 @@ class ConversionFailed(Exception):
 
 
 def worker_count() -> int:
-    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+    """One worker a core this process may run on, up to MAX_WORKERS; one means the parent converts alone."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(MAX_WORKERS, cores))
 
 
 def converted(path: Path, workers: int, chunk_bytes: int = CHUNK_BYTES):
