@@ -20,7 +20,8 @@ from pathlib import Path
 from archive import UTF8_BOM, without_boms
 
 CHUNK_BYTES = 2 << 20  # a few thousand events: a worker then holds about 100 MB, Python and pyarrow included
-MAX_WORKERS = 4  # at about 100 MB each
+MAX_WORKERS = 2  # see worker_count
+NEWLINE, COMMA = ord("\n"), ord(",")
 MISFITS = b"misfits"  # the batch metadata that counts values kept in other_fields
 WORKER = Path(__file__).resolve()
 
@@ -193,19 +194,24 @@ def event_lines_of(text: bytes) -> list[bytes]:
 
 
 def array_of(text: bytes, lines_file: bool) -> tuple[bytes | None, int]:
-    """Some lines of an exported file as one JSON array text, and how many lines it holds, with no splitting:
-    JSON lines get commas, a JSON array's lines have them. (None, 0) for a chunk with no event."""
-    if text.startswith(b"[\n"):  # the array's opening line: no event starts with a bracket
-        text = text[2:]
-    if text.endswith(b"\n]\n") or text.endswith(b"\n]"):
-        text = text[: text.rindex(b"\n]")]
-    body = text.removesuffix(b"\n")
-    if not body or body in (b"[]", b"[", b"]"):
+    """Some lines of an exported file as one JSON array text, and how many lines it holds, in one copy: JSON lines
+    get commas, a JSON array's lines have them. (None, 0) for a chunk with no event."""
+    start = 2 if text.startswith(b"[\n") else 0  # the array's opening line: no event starts with a bracket
+    end = len(text)
+    for closing in (b"\n]\n", b"\n]"):
+        if text.endswith(closing):
+            end -= len(closing) - 1
+            break
+    if end > start and text[end - 1] == NEWLINE:
+        end -= 1
+    if end - start <= 2 and text[start:end] in (b"", b"[]", b"[", b"]"):
         return None, 0
-    count = body.count(b"\n") + 1
-    if lines_file:
-        return b"[" + body.replace(b"\n", b",") + b"]", count
-    return b"[" + body.removesuffix(b",") + b"]", count
+    count = text.count(b"\n", start, end) + 1
+    if lines_file:  # the newlines between the lines, and any before them, become commas
+        text = text.replace(b"\n", b",", count - 1 + text.count(b"\n", 0, start))
+    elif text[end - 1] == COMMA:
+        end -= 1
+    return b"".join((b"[", memoryview(text)[start:end], b"]")), count
 
 
 def serve(path: Path, worker: int, workers: int, chunk_bytes: int) -> None:

@@ -10,6 +10,7 @@ listed in `absent_fields`, so a row tells "null" from "not there", and every row
 
 from __future__ import annotations
 
+import array
 import contextlib
 import datetime as dt
 import gc
@@ -48,6 +49,8 @@ PYTHON_TYPE = {"timestamp": str, "integer": Int64, "float": float, "boolean": bo
 OTHER_FIELDS, ABSENT_FIELDS, EXPORT_HOUR, EXPORT_DATE = "other_fields", "absent_fields", "export_hour", "export_date"
 UNSET = msgspec.UNSET
 NO_TEXT = msgspec.Raw(b"")  # what a property map the event does not have decodes to
+JSON_NULL = msgspec.Raw(b"null")
+EVERY_ROW = "every row"  # typed_column's word for a key no row of the batch has
 # Keys outside the schema learnt as fields: Amplitude adds a few; a file of events that each bring new keys must
 # not grow the decoder without bound (past this, such keys go to other_fields line by line).
 MAX_LEARNT_KEYS = 256
@@ -221,19 +224,26 @@ def lenient_keys(line: bytes) -> list[str]:
         return []
 
 
-def typed_column(values: list, kind: str) -> tuple[pa.Array, pa.BooleanArray | None, pa.StringArray | None]:
-    """(the column, which rows lack the key or None if none does, the JSON texts that did not fit or None)."""
+def typed_column(values: list, kind: str) -> tuple[pa.Array, pa.BooleanArray | str | None, pa.StringArray | None]:
+    """(the column, which rows lack the key: None, EVERY_ROW or a mask, the JSON texts that did not fit or None).
+
+    The common cases (every row has the key, or none has) are told by counting in Python: each Arrow compute call
+    costs tens of microseconds whatever the batch, and a batch has fifty columns.
+    """
+    rows = len(values)
     if kind == "json":
+        lacking = values.count(NO_TEXT)
+        if lacking == rows:
+            return pa.nulls(rows, pa.string()), EVERY_ROW, None
         texts = raw_text_column(values)
-        missing = pc.equal(texts, "")
-        no_value = pc.or_(missing, pc.equal(texts, "null"))
-        if not pc.any(no_value).as_py():  # every row has a map: no copy
+        if not lacking and not values.count(JSON_NULL):  # every row has a map: no copy
             return texts, None, None
-        return pc.if_else(no_value, None, texts), none_if_all_false(missing), None
+        missing = pc.equal(texts, "")
+        return pc.if_else(pc.or_(missing, pc.equal(texts, "null")), None, texts), missing if lacking else None, None
     unset = values.count(UNSET)
+    if unset == rows:
+        return pa.nulls(rows, ARROW_TYPE[kind]), EVERY_ROW, None
     missing = None
-    if unset == len(values):
-        return pa.nulls(len(values), ARROW_TYPE[kind]), pa.repeat(True, len(values)) if values else None, None
     if unset:
         missing = pa.array([value is UNSET for value in values])
         values = [None if value is UNSET else value for value in values]
@@ -253,14 +263,18 @@ def typed_column(values: list, kind: str) -> tuple[pa.Array, pa.BooleanArray | N
 def timestamps(values: list) -> tuple[pa.TimestampArray, pa.StringArray | None]:
     """Amplitude's time texts as UTC microseconds; texts of another shape stay as JSON text."""
     texts = pa.array(values, pa.string())
-    fits = pc.fill_null(pc.match_substring_regex(texts, TIME_TEXT), True)
-    try:
-        typed = pc.cast(pc.cast(pc.if_else(fits, texts, None), pa.timestamp("us")), UTC_MICROS)
+    fits = pc.match_substring_regex(texts, TIME_TEXT)
+    if texts.null_count:
+        fits = pc.fill_null(fits, True)
+    every_one = fits.true_count == len(fits)
+    try:  # a naive cast, then the same microseconds seen as UTC (no copy)
+        typed = pc.cast(texts if every_one else pc.if_else(fits, texts, None), pa.timestamp("us")).view(UTC_MICROS)
     except pa.ArrowInvalid:  # the right shape, not a real time (a 31st of February): one by one
         parsed = [parse_time(text) if ok else None for text, ok in zip(values, fits.to_pylist(), strict=True)]
         fits = pc.and_(fits, pa.array([value is None or time is not None for value, time in zip(values, parsed, strict=True)]))
         typed = pa.array([time if ok else None for time, ok in zip(parsed, fits.to_pylist(), strict=True)], UTC_MICROS)
-    if pc.all(fits).as_py():
+        every_one = fits.true_count == len(fits)
+    if every_one:
         return typed, None
     misfit = [None if ok else ENCODE(value).decode() for value, ok in zip(values, fits.to_pylist(), strict=True)]
     return typed, pa.array(misfit, pa.string())
@@ -281,14 +295,10 @@ def is_utf8(text: str) -> bool:
         return False
 
 
-def none_if_all_false(mask: pa.BooleanArray) -> pa.BooleanArray | None:
-    return mask if pc.any(mask).as_py() else None
-
-
 def raw_text_column(raws: list) -> pa.StringArray:
     """Raw JSON values as one string array, built from their bytes in one piece ("" where there is none)."""
-    offsets = pa.array(itertools.accumulate(map(len, raws), initial=0), pa.int32())
-    return pa.StringArray.from_buffers(len(raws), offsets.buffers()[1], pa.py_buffer(b"".join(raws)))
+    offsets = array.array("i", itertools.accumulate(map(len, raws), initial=0))
+    return pa.StringArray.from_buffers(len(raws), pa.py_buffer(offsets), pa.py_buffer(b"".join(raws)))
 
 
 def member_text(key: str, texts: pa.StringArray) -> pa.StringArray:
@@ -297,13 +307,14 @@ def member_text(key: str, texts: pa.StringArray) -> pa.StringArray:
     return pc.binary_join_element_wise(json.dumps(key) + ":", present, ",", "")
 
 
-def absent_text(columns: list[tuple[str, pa.BooleanArray | None]], rows: int) -> pa.StringArray:
+def absent_text(columns: list[tuple[str, pa.BooleanArray | str | None]], rows: int) -> pa.StringArray:
     """A JSON array of the documented keys each row lacks; null where it has them all."""
     columns = [(key, missing) for key, missing in columns if missing is not None]
-    if all(pc.all(missing).as_py() for _, missing in columns):  # as a rule, every event lacks the same keys
+    if all(missing is EVERY_ROW or missing.true_count == rows for _, missing in columns):  # as a rule
         text = "[" + ",".join(json.dumps(key) for key, _ in columns) + "]"
         return pa.repeat(pa.scalar(text if columns else None, pa.string()), rows)
-    parts = [pc.if_else(missing, json.dumps(key) + ",", None) for key, missing in columns]
+    parts = [pa.repeat(pa.scalar(json.dumps(key) + ",", pa.string()), rows) if missing is EVERY_ROW else
+             pc.if_else(missing, json.dumps(key) + ",", None) for key, missing in columns]
     return enclosed(parts, rows, "[", "]")
 
 

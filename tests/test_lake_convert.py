@@ -155,7 +155,11 @@ def test_an_array_text_is_only_taken_when_each_line_is_one_event():
     assert lake_convert.array_of(b'[\n{"a":1},\n{"b":2}\n]\n', False) == (b'[{"a":1},\n{"b":2}]', 2)
     assert lake_convert.array_of(b'{"a":1},\n{"b":2},\n', False) == (b'[{"a":1},\n{"b":2}]', 2)
     assert lake_convert.array_of(b'{"a":1}\n{"b":2}\n', True) == (b'[{"a":1},{"b":2}]', 2)
-    assert lake_convert.array_of(b"[]\n", False) == (None, 0)
+    assert lake_convert.array_of(b'{"a":1}\n{"b":2}', True) == (b'[{"a":1},{"b":2}]', 2)
+    assert lake_convert.array_of(b'[\n{"a":1}\n{"b":2}\n', True) == (b'[{"a":1},{"b":2}]', 2)
+    assert lake_convert.array_of(b'{"a":1},\n{"b":2}\n]', False) == (b'[{"a":1},\n{"b":2}]', 2)
+    assert lake_convert.array_of(b"[]\n", False) == lake_convert.array_of(b"[\n]\n", False) == (None, 0)
+    assert lake_convert.array_of(b"\n", True) == (None, 0)
     converter = lake_schema.Converter()
     two_on_a_line = lake_convert.array_of(b'{"event_type":"a"},{"event_type":"b"}\n', True)
     assert converter.events_of_array(*two_on_a_line) is None  # one line, two events: line by line, where it fails
