@@ -279,8 +279,9 @@ class Lake:
         """Compact small files, then remove the files no version younger than the retention needs; the version."""
         with self._described("maintain"):
             compacted = self.table.optimize.compact(writer_properties=writer_properties())
+            # full: also the files of writes that never committed (a run killed mid-load), which only a listing finds
             removed = self.table.vacuum(retention_hours=retention_days * 24, dry_run=False,
-                                        enforce_retention_duration=False)
+                                        enforce_retention_duration=False, full=True)
         log.info("Lake: %s compacted (%d file(s) into %d); %d file(s) unneeded for %d day(s) removed; version %d",
                  self.target.label, compacted.get("numFilesRemoved", 0), compacted.get("numFilesAdded", 0),
                  len(removed), retention_days, self.table.version())

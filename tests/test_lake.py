@@ -366,6 +366,19 @@ def test_lake_maintain_compacts_and_vacuums(cli, standin):
     assert json.loads(result.stdout.splitlines()[-1])["lake_version"] == after.version()
 
 
+def test_lake_maintain_removes_the_files_of_loads_that_never_committed(cli, standin):
+    assert cli.run(*DAY, "--lake", "lake").returncode == 0
+    partition = next((cli.workdir / "lake").glob("export_date=*"))
+    written = next(partition.glob("*.parquet"))
+    old, young = partition / "part-00000-killed-old.snappy.parquet", partition / "part-00000-killed-young.snappy.parquet"
+    for orphan in (old, young):
+        orphan.write_bytes(written.read_bytes())
+    os.utime(old, (time.time() - 8 * 86400,) * 2)
+    assert cli.run("--lake", "lake", "--lake-maintain").returncode == 0  # 7 days of retention
+    assert not old.exists() and young.exists() and written.exists()
+    assert len(DeltaTable(cli.workdir / "lake").to_pyarrow_table()) == len(exported_events(cli))
+
+
 @pytest.mark.quick
 @pytest.mark.parametrize(("args", "env", "message"), [
     (("--lake-maintain",), {}, "--lake-maintain needs --lake"),
