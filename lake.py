@@ -254,7 +254,7 @@ class Lake:
         for attempt in range(1, COMMIT_ATTEMPTS + 1):
             try:
                 with self._described(f"write {record.file} to"):
-                    self._write(record, hours, metadata, check_sha256)
+                    processes = self._write(record, hours, metadata, check_sha256)
                 break
             except LakeConflict:
                 if attempt == COMMIT_ATTEMPTS:
@@ -265,8 +265,8 @@ class Lake:
                         lake=self.target.label, table_id=self.table_id, version=self.table.version(),
                         loaded_at=iso_utc(now_utc()))
         append_manifest(self.data_dir / MANIFEST_NAME, line)
-        log.info("Lake: %s loaded as version %d of %s (%d hour(s), %.1fs)", record.file, line.version,
-                 self.target.label, len(hours), time.monotonic() - began)
+        log.info("Lake: %s loaded as version %d of %s (%d hour(s), %.1fs, converted by %d process(es))", record.file,
+                 line.version, self.target.label, len(hours), time.monotonic() - began, processes)
         return line
 
     def loaded_keys(self) -> set[bytes]:
@@ -287,7 +287,8 @@ class Lake:
                  len(removed), retention_days, self.table.version())
         return self.table.version()
 
-    def _write(self, record: Export, hours: set[dt.datetime], metadata: dict, check_sha256: bool) -> None:
+    def _write(self, record: Export, hours: set[dt.datetime], metadata: dict, check_sha256: bool) -> int:
+        """One commit of the file's events of `hours`; the number of processes that converted them."""
         import pyarrow as pa
         from deltalake import CommitProperties, write_deltalake
         from deltalake.exceptions import CommitFailedError
@@ -312,6 +313,7 @@ class Lake:
         if counts.get("misfits"):
             log.warning("Lake: %s: %d value(s) did not fit their column's type and are kept as JSON in other_fields",
                         record.file, counts["misfits"])
+        return counts.get("workers", 1)
 
     def _check_schema(self) -> None:
         from lake_schema import SCHEMA
@@ -439,7 +441,7 @@ def record_batches(path: Path, record: Export, hours: set[dt.datetime], check_sh
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from lake_convert import converted
+    from lake_convert import converted, workers_for
     from lake_schema import with_hours
 
     runs = line_hours(record)
@@ -449,6 +451,7 @@ def record_batches(path: Path, record: Export, hours: set[dt.datetime], check_sh
     if check_sha256 and sha256_of(path) != record.sha256:
         raise FileChanged(f"{record.file} is not the file recorded (its sha256 differs)")
     count = 0
+    counts["workers"] = workers_for(path, workers)
     for events, misfits in converted(path, workers):
         batch_runs = take_runs(runs, events.num_rows)
         if batch_runs is None:

@@ -36,9 +36,15 @@ def worker_count() -> int:
     return max(1, min(MAX_WORKERS, cores))
 
 
-def converted(path: Path, workers: int, chunk_bytes: int = CHUNK_BYTES):
+def workers_for(path: Path, workers: int, chunk_bytes: int | None = None) -> int:
+    """The processes that convert the file: 1 (this one) for a file of one chunk."""
+    return 1 if path.stat().st_size <= (chunk_bytes or CHUNK_BYTES) else max(1, workers)
+
+
+def converted(path: Path, workers: int, chunk_bytes: int | None = None):
     """(record batch without the export hour, its misfits) for each chunk of the file, in order."""
-    if workers <= 1 or path.stat().st_size <= chunk_bytes:
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
+    if workers_for(path, workers, chunk_bytes) == 1:
         yield from owned_batches(path, 0, 1, chunk_bytes)
     else:
         yield from converted_by_workers(path, workers, chunk_bytes)

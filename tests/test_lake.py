@@ -161,6 +161,29 @@ def test_export_hours_come_from_the_members_never_from_event_times():
     assert lake.take_runs(runs, 1) is None
 
 
+@pytest.mark.parametrize("change", ["append", "replace"])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_file_that_changes_while_it_is_read_is_not_committed(tmp_path, monkeypatch, workers, change):
+    import lake_convert
+
+    monkeypatch.setattr(lake_convert, "CHUNK_BYTES", 8192)
+    lines = standin_lines(400)
+    path = tmp_path / "f.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    record = lake.Export(start="20251101T00", end="20251101T00", file="f.jsonl", events=400, size=1, sha256="0" * 64,
+                         finished_at="x", runs=[("20251101T00", 400)])
+    batches = lake.record_batches(path, record, {hour("20251101T00")}, False, workers, {})
+    next(batches)
+    if change == "append":
+        with open(path, "ab") as file:
+            file.write(lines[0] + b"\n")
+    else:  # the same bytes in a new file put in its place, as an editor saves: only the inode tells
+        (tmp_path / "new").write_bytes(path.read_bytes())
+        os.replace(tmp_path / "new", path)
+    with pytest.raises(lake.FileChanged):
+        list(batches)
+
+
 def test_the_predicate_names_exactly_the_hours_replaced():
     hours = {hour("20251101T22"), hour("20251101T23"), hour("20251102T00"), hour("20251102T05")}
     assert lake.hours_predicate(hours) == (
@@ -576,6 +599,32 @@ def test_the_lake_variable_is_relative_to_its_env_file(cli, standin):
     result = cli.run(*DAY)
     assert result.returncode == 0, result.stderr
     assert DeltaTable(cli.project / "tables" / "events").version() == 1
+
+
+def test_a_file_of_many_chunks_is_converted_by_worker_processes_live_and_from_the_file(cli, standin):
+    import lake_convert
+
+    standin.events_per_part = 100  # 4,800 events: a file of a few chunks
+    result = cli.run(*DAY, "--lake", "lake")
+    assert result.returncode == 0, result.stderr
+    (output,) = cli.outputs()
+    assert output.stat().st_size > lake_convert.CHUNK_BYTES
+    processes = lake_convert.worker_count()
+    assert f"converted by {processes} process(es)" in result.stderr
+    events = exported_events(cli)
+    assert len(events) == 4800
+    assert canonical(map(lake_schema.rebuild_event, table_rows(cli.workdir / "lake"))) == canonical(events)
+    import shutil
+
+    shutil.rmtree(cli.workdir / "lake")
+    result = cli.run(*DAY, "--lake", "lake")
+    assert result.returncode == 0 and f"converted by {processes} process(es)" in result.stderr
+    rows = table_rows(cli.workdir / "lake")
+    assert canonical(map(lake_schema.rebuild_event, rows)) == canonical(events)
+    per_hour = {}
+    for row in rows:
+        per_hour[row["export_hour"]] = per_hour.get(row["export_hour"], 0) + 1
+    assert sorted(per_hour.values()) == [200] * 24  # every hour whole, none twice
 
 
 @pytest.mark.parametrize("layout", [("--format", "jsonl"), ("--gzip",), ("--format", "jsonl", "--gzip")])

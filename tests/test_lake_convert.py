@@ -73,15 +73,17 @@ def batches_of(path, workers, chunk_bytes) -> tuple[pa.Table, int]:
     return table, sum(misfits for _, misfits in converted)
 
 
-def test_worker_processes_give_the_same_rows_and_misfits_as_one_process(tmp_path):
+@pytest.mark.parametrize("kind", ["json", "jsonl.gz"])
+def test_worker_processes_give_the_same_rows_and_misfits_as_one_process(tmp_path, kind):
     lines = standin_lines(3000) + ODD_LINES * 20
-    path = tmp_path / "f.json"
-    path.write_bytes(file_of(lines, "json"))
+    path = tmp_path / f"f.{kind}"
+    data = file_of(lines, kind.split(".")[0])
+    path.write_bytes(gzip.compress(data) if kind.endswith(".gz") else data)
     alone = lake_schema.Converter()
     expected = lake_schema.Converter().events(lines)
     alone.events(lines)
     for workers in (1, 2, 3):
-        table, misfits = batches_of(path, workers, 64 << 10)
+        table, misfits = batches_of(path, workers, 16 << 10)
         assert table.num_rows == len(lines)
         assert table.equals(pa.Table.from_batches([expected]))
         assert misfits == alone.misfits > 0
@@ -164,3 +166,17 @@ def test_an_array_text_is_only_taken_when_each_line_is_one_event():
     two_on_a_line = lake_convert.array_of(b'{"event_type":"a"},{"event_type":"b"}\n', True)
     assert converter.events_of_array(*two_on_a_line) is None  # one line, two events: line by line, where it fails
     assert converter.events_of_array(b'[{"event_type":"a"},{"event_type":"b"}]', 2).num_rows == 2
+
+
+def test_a_worker_killed_midway_fails_the_conversion_with_one_line(tmp_path, monkeypatch):
+    started = []
+    popen = subprocess.Popen
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: started.append(popen(*a, **k)) or started[-1])
+    path = tmp_path / "f.json"
+    path.write_bytes(file_of(standin_lines(3000), "json"))
+    batches = lake_convert.converted(path, 2, 4096)  # hundreds of chunks: no worker can finish ahead of its reader
+    next(batches)
+    started[1].kill()
+    with pytest.raises(lake_convert.ConversionFailed, match=r"^a conversion worker ended with code -9$"):
+        list(batches)
+    assert all(process.returncode is not None for process in started)
