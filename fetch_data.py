@@ -192,18 +192,22 @@ def run_export(settings: Settings, outcome: Outcome) -> int:
     began = time.monotonic()
     data_dir = store.ensure_folder(settings.data_dir)
     log.info("Data folder: %s", data_dir)
-    with store.hold_lock(data_dir):
+    with store.hold_lock(data_dir), contextlib.ExitStack() as stack:
         store.remove_temp_files(data_dir)
         stop_cleanly_on_signals(data_dir)
         store.finish_interrupted_save(data_dir)
         uploads = start_uploads(settings)
         lake = open_lake(settings.lake, data_dir, settings.policy)
+        if lake:
+            stack.callback(lake.close)
         changed = uploads.changed if uploads else set()
         first, last = settings.windows[0].start, settings.windows[-1].end
         in_range = [record for record in store.exports_between(data_dir / MANIFEST_NAME, first, last)
                     if record.file not in changed]
         todo = plan_todo(settings, in_range)
         if lake:
+            if todo:
+                lake.start_workers()  # their start-up overlaps the export
             lake.fill(in_range, {hour for window in todo for hour in hours_between(window.start, window.end)})
         warn_if_fresh(todo, settings.started)
         outcome.start, outcome.end, outcome.windows_planned = format_hour(first), format_hour(last), len(todo)

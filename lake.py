@@ -26,7 +26,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from errors import ExportError, UsageError
-from lake_convert import worker_count
+from lake_convert import Workers, worker_count
 from store import DECODE_LAKE, MANIFEST_NAME, Export, LakeLoad, append_manifest, file_key, file_state, hour_of, marked_lines
 from windows import HOUR, format_hour, hours_between, iso_utc, now_utc
 
@@ -176,7 +176,14 @@ class Lake:
         self.table_id = ""
         self.failure: str | None = None  # the first failure stops the stage; the next run loads what is missing
         self.sleep = time.sleep  # between commits that met another writer's (the tests pass their own)
-        self.workers = worker_count()  # processes converting a file's events side by side (lake_convert)
+        self.workers = Workers(worker_count())  # processes converting a file's events side by side
+
+    def start_workers(self) -> None:
+        """Start the conversion workers now, so that they are ready when the first file is (see lake_convert)."""
+        self.workers.start()
+
+    def close(self) -> None:
+        self.workers.close()
 
     @property
     def version(self) -> int | None:
@@ -433,7 +440,7 @@ def line_hours(record: Export) -> list[tuple[dt.datetime, int]]:
             for hour, count in runs]
 
 
-def record_batches(path: Path, record: Export, hours: set[dt.datetime], check_sha256: bool, workers: int,
+def record_batches(path: Path, record: Export, hours: set[dt.datetime], check_sha256: bool, workers: Workers,
                    counts: dict):
     """The file's events as record batches of the hours wanted, values that did not fit their type counted in
     `counts`; FileChanged, before the commit, when the file's bytes are not the recorded ones or its lines do not
@@ -441,7 +448,7 @@ def record_batches(path: Path, record: Export, hours: set[dt.datetime], check_sh
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from lake_convert import converted, workers_for
+    from lake_convert import workers_for
     from lake_schema import with_hours
 
     runs = line_hours(record)
@@ -451,8 +458,8 @@ def record_batches(path: Path, record: Export, hours: set[dt.datetime], check_sh
     if check_sha256 and sha256_of(path) != record.sha256:
         raise FileChanged(f"{record.file} is not the file recorded (its sha256 differs)")
     count = 0
-    counts["workers"] = workers_for(path, workers)
-    for events, misfits in converted(path, workers):
+    counts["workers"] = workers_for(path, workers.count, workers.chunk_bytes)
+    for events, misfits in workers.converted(path):
         batch_runs = take_runs(runs, events.num_rows)
         if batch_runs is None:
             raise FileChanged(f"{record.file} holds more events than the {record.events} recorded")

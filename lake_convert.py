@@ -7,14 +7,18 @@ standard output, as an Arrow IPC stream. The parent reads the streams in turn, w
 order. A worker whose pipe is full waits: memory stays bounded whatever the size of the file. A file of one chunk,
 or a machine of one core, is converted in the parent, the same way.
 
-Run as a worker: `python lake_convert.py FILE WORKER WORKERS CHUNK_BYTES` (the parent does that).
+Run as a worker: `python lake_convert.py WORKER WORKERS`, then one `["path", chunk_bytes]` a line on standard input
+(the parent does that).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from archive import UTF8_BOM, without_boms
@@ -23,6 +27,7 @@ CHUNK_BYTES = 2 << 20  # a few thousand events: a worker then holds about 100 MB
 MAX_WORKERS = 2  # see worker_count
 NEWLINE, COMMA = ord("\n"), ord(",")
 MISFITS = b"misfits"  # the batch metadata that counts values kept in other_fields
+END = b"end"  # the metadata of the empty batch that ends a file
 WORKER = Path(__file__).resolve()
 
 
@@ -42,38 +47,82 @@ def workers_for(path: Path, workers: int, chunk_bytes: int | None = None) -> int
 
 
 def converted(path: Path, workers: int, chunk_bytes: int | None = None):
-    """(record batch without the export hour, its misfits) for each chunk of the file, in order."""
-    chunk_bytes = chunk_bytes or CHUNK_BYTES
-    if workers_for(path, workers, chunk_bytes) == 1:
-        yield from owned_batches(path, 0, 1, chunk_bytes)
-    else:
-        yield from converted_by_workers(path, workers, chunk_bytes)
-
-
-def converted_by_workers(path: Path, workers: int, chunk_bytes: int):
-    processes = [subprocess.Popen([sys.executable, str(WORKER), os.fsdecode(path), str(number), str(workers),
-                                   str(chunk_bytes)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE) for number in range(workers)]
+    """(record batch without the export hour, its misfits) for each chunk of the file, in order, by workers of
+    their own that end with it."""
+    pool = Workers(workers, chunk_bytes)
     try:
-        readers = [reader_of(process) for process in processes]
-        turn = 0
-        while (found := next_batch(readers[turn % workers], processes[turn % workers])) is not None:
-            yield found
-            turn += 1
-        # The chunks go round: once one worker has none left, the others must have none either.
-        for number in range(workers):
-            if next_batch(readers[number], processes[number]) is not None:
-                raise ConversionFailed("the workers disagree on where the file ends (it changed meanwhile)")
-        for process in processes:
-            if process.wait():
-                raise ConversionFailed(first_error(process))
+        yield from pool.converted(path)
     finally:
-        for process in processes:
-            if process.poll() is None:
+        pool.close()
+
+
+class Workers:
+    """Worker processes, started once and given file after file: the interpreter and pyarrow start while the export
+    runs, and a refill of many files pays for them once.
+
+    A worker takes a file's path on its standard input and answers with one Arrow IPC stream of its chunks, ended by
+    an empty batch that says so. A file not read to that end (a failure, or a reader that stopped) costs the
+    processes: the next file starts new ones.
+    """
+
+    def __init__(self, count: int, chunk_bytes: int | None = None):
+        self.count = count
+        self.chunk_bytes = chunk_bytes or CHUNK_BYTES
+        self.processes: list[subprocess.Popen] = []
+
+    def start(self) -> None:
+        """Start the processes now, if the machine has the cores for them and they are not running."""
+        if self.count > 1 and not self.processes:
+            self.processes = [start_worker(number, self.count) for number in range(self.count)]
+
+    def converted(self, path: Path):
+        """(record batch without the export hour, its misfits) for each chunk of the file, in order."""
+        if workers_for(path, self.count, self.chunk_bytes) == 1:
+            yield from owned_batches(path, 0, 1, self.chunk_bytes)
+            return
+        self.start()
+        whole = False
+        try:
+            job = json.dumps([os.fsdecode(path), self.chunk_bytes]).encode() + b"\n"
+            for process in self.processes:
+                process.stdin.write(job)
+                process.stdin.flush()
+            readers = [reader_of(process) for process in self.processes]
+            turn = 0
+            while (found := next_batch(readers[turn % self.count], self.processes[turn % self.count])) is not None:
+                yield found
+                turn += 1
+            # The chunks go round: once one worker has none left, the others must have none either.
+            for number in range(self.count):
+                if number != turn % self.count and next_batch(readers[number], self.processes[number]) is not None:
+                    raise ConversionFailed("the workers disagree on where the file ends (it changed meanwhile)")
+            whole = True
+        except OSError as exc:  # a worker gone (its stdin closed)
+            raise ConversionFailed(first_error(self.processes[0]) if self.processes else str(exc)) from None
+        finally:
+            if not whole:
+                self.close()
+
+    def close(self) -> None:
+        """End the processes, at once: between files they hold nothing (and one still starting need not finish)."""
+        for process in self.processes:
+            with contextlib.suppress(OSError):
                 process.kill()
+        for process in self.processes:
             process.wait()
-            process.stdout.close()
-            process.stderr.close()
+            for stream in (process.stdin, process.stdout, process.errors):
+                with contextlib.suppress(OSError):
+                    stream.close()
+        self.processes = []
+
+
+def start_worker(number: int, count: int) -> subprocess.Popen:
+    # Standard error goes to a file (unlinked at once): a pipe nobody reads could fill and stop the worker.
+    errors = tempfile.TemporaryFile()  # noqa: SIM115 - closed by Workers.close
+    process = subprocess.Popen([sys.executable, str(WORKER), str(number), str(count)], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=errors)
+    process.errors = errors
+    return process
 
 
 def reader_of(process: subprocess.Popen):
@@ -82,30 +131,32 @@ def reader_of(process: subprocess.Popen):
     try:
         return pa.ipc.open_stream(process.stdout)
     except (OSError, pa.ArrowException):  # it ended before its first word: its own message says why
-        process.wait()
         raise ConversionFailed(first_error(process)) from None
 
 
 def next_batch(reader, process: subprocess.Popen):
-    """(the next record batch, its misfits), or None at the end; ConversionFailed when the worker failed."""
+    """(the next record batch, its misfits), or None after the batch that ends the file; ConversionFailed when the
+    worker failed."""
     import pyarrow as pa
 
     try:
         batch, metadata = reader.read_next_batch_with_custom_metadata()
-        return batch, int(metadata[MISFITS])
-    except StopIteration:
-        failed = process.wait() != 0
-    except (OSError, pa.ArrowException):
-        failed = True
-        process.wait()
-    if failed:
-        raise ConversionFailed(first_error(process))
-    return None
+    except (StopIteration, OSError, pa.ArrowException):  # the stream broke off before its end: the worker failed
+        raise ConversionFailed(first_error(process)) from None
+    if END in metadata:
+        with contextlib.suppress(StopIteration):
+            reader.read_next_batch()  # the stream's own end, so that the next file's stream starts clean
+        return None
+    return batch, int(metadata[MISFITS])
 
 
 def first_error(process: subprocess.Popen) -> str:
-    text = process.stderr.read().decode("utf-8", "replace").strip()
-    lines = text.splitlines()
+    """The last line the worker wrote on standard error, once it has ended."""
+    with contextlib.suppress(OSError):
+        process.kill()
+    process.wait()
+    process.errors.seek(0)
+    lines = process.errors.read().decode("utf-8", "replace").strip().splitlines()
     return lines[-1] if lines else f"a conversion worker ended with code {process.returncode}"
 
 
@@ -220,21 +271,27 @@ def array_of(text: bytes, lines_file: bool) -> tuple[bytes | None, int]:
     return b"".join((b"[", memoryview(text)[start:end], b"]")), count
 
 
-def serve(path: Path, worker: int, workers: int, chunk_bytes: int) -> None:
-    """A worker: the owned chunks' record batches on standard output."""
+def serve(worker: int, workers: int) -> None:
+    """A worker: for each path read on standard input, its owned chunks' record batches on standard output."""
     import pyarrow as pa
 
     from lake_schema import EVENT_SCHEMA
 
-    with pa.ipc.new_stream(sys.stdout.buffer, EVENT_SCHEMA) as sink:
-        for batch, misfits in owned_batches(path, worker, workers, chunk_bytes):
-            sink.write_batch(batch, custom_metadata={MISFITS: str(misfits)})
+    out = sys.stdout.buffer
+    for job in sys.stdin.buffer:
+        path, chunk_bytes = json.loads(job)
+        with pa.ipc.new_stream(out, EVENT_SCHEMA) as sink:
+            for batch, misfits in owned_batches(Path(path), worker, workers, chunk_bytes):
+                sink.write_batch(batch, custom_metadata={MISFITS: str(misfits)})
+                out.flush()
+            sink.write_batch(pa.RecordBatch.from_pylist([], EVENT_SCHEMA), custom_metadata={END: b"1"})
+        out.flush()
 
 
 if __name__ == "__main__":
     try:
-        serve(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
-    except BrokenPipeError:  # the parent stopped reading: it has what it needs, or failed itself
+        serve(int(sys.argv[1]), int(sys.argv[2]))
+    except (BrokenPipeError, KeyboardInterrupt):  # the parent stopped reading: it has what it needs, or failed
         sys.exit(1)
     except Exception as exc:  # one line for the parent's message
         print(f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}", file=sys.stderr)

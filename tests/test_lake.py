@@ -163,16 +163,16 @@ def test_export_hours_come_from_the_members_never_from_event_times():
 
 @pytest.mark.parametrize("change", ["append", "replace"])
 @pytest.mark.parametrize("workers", [1, 2])
-def test_a_file_that_changes_while_it_is_read_is_not_committed(tmp_path, monkeypatch, workers, change):
+def test_a_file_that_changes_while_it_is_read_is_not_committed(tmp_path, workers, change):
     import lake_convert
 
-    monkeypatch.setattr(lake_convert, "CHUNK_BYTES", 8192)
     lines = standin_lines(400)
     path = tmp_path / "f.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
     record = lake.Export(start="20251101T00", end="20251101T00", file="f.jsonl", events=400, size=1, sha256="0" * 64,
                          finished_at="x", runs=[("20251101T00", 400)])
-    batches = lake.record_batches(path, record, {hour("20251101T00")}, False, workers, {})
+    pool = lake_convert.Workers(workers, 8192)
+    batches = lake.record_batches(path, record, {hour("20251101T00")}, False, pool, {})
     next(batches)
     if change == "append":
         with open(path, "ab") as file:
@@ -182,6 +182,7 @@ def test_a_file_that_changes_while_it_is_read_is_not_committed(tmp_path, monkeyp
         os.replace(tmp_path / "new", path)
     with pytest.raises(lake.FileChanged):
         list(batches)
+    pool.close()
 
 
 def test_the_predicate_names_exactly_the_hours_replaced():
@@ -350,15 +351,33 @@ def test_kill_9_at_any_moment_leaves_a_readable_table_and_the_next_run_completes
     for moment in moments:
         process = cli.start(*args)
         wait_for(lambda process=process, moment=moment: moment() or process.poll() is not None)
+        assert process.poll() is not None or lake.worker_count() == 1 or conversion_workers(cli)  # they run
         process.send_signal(signal.SIGKILL)
         process.wait()
+        wait_for(lambda: not conversion_workers(cli))  # the workers see their pipes close and end too
         if (table / "_delta_log").exists():
             rows = table_rows(table)
             assert len({row["uuid"] for row in rows}) == len(rows)  # every hour at most once
     result = cli.run(*args)
     assert result.returncode == 0, result.stderr
+    assert "converted by 2 process(es)" in result.stderr or lake.worker_count() == 1
+    assert not conversion_workers(cli)  # a run that ends ends its workers
     rows = table_rows(table)
     assert canonical(map(lake_schema.rebuild_event, rows)) == canonical(exported_events(cli))
+
+
+def conversion_workers(cli) -> list[int]:
+    """The processes running this copy of the project's lake_convert.py."""
+    script = str(cli.project / "lake_convert.py").encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                if script in cmdline.read().split(b"\0"):
+                    found.append(int(entry))
+        except (OSError, ValueError):
+            pass
+    return found
 
 
 def wait_for(condition, seconds=60):

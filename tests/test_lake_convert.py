@@ -181,3 +181,27 @@ def test_a_worker_killed_midway_fails_the_conversion_with_one_line(tmp_path, mon
     with pytest.raises(lake_convert.ConversionFailed, match=r"^a conversion worker ended with code -9$"):
         list(batches)
     assert all(process.returncode is not None for process in started)
+
+
+def test_workers_started_once_convert_file_after_file_and_start_anew_after_a_failure(tmp_path):
+    lines = standin_lines(1500)
+    good, bad = tmp_path / "good.json", tmp_path / "bad.jsonl"
+    good.write_bytes(file_of(lines, "json"))
+    bad.write_bytes(b'{"a":1}\n' * 20000 + b"not json\n")
+    expected = pa.Table.from_batches([lake_schema.Converter().events(lines)])
+    pool = lake_convert.Workers(2, 32 << 10)
+    pool.start()
+    first = [process.pid for process in pool.processes]
+    for _ in range(3):
+        batches = [batch for batch, _ in pool.converted(good)]
+        assert pa.Table.from_batches(batches, lake_schema.EVENT_SCHEMA).equals(expected)
+        assert [process.pid for process in pool.processes] == first  # the same processes, file after file
+    with pytest.raises(lake_convert.ConversionFailed, match="DecodeError"):
+        list(pool.converted(bad))
+    assert pool.processes == []  # ended with the failure
+    batches = [batch for batch, _ in pool.converted(good)]
+    assert pa.Table.from_batches(batches, lake_schema.EVENT_SCHEMA).equals(expected)
+    started = pool.processes
+    assert started and not set(first) & {process.pid for process in started}
+    pool.close()
+    assert pool.processes == [] and all(process.returncode is not None for process in started)
