@@ -448,7 +448,6 @@ def record_batches(path: Path, record: Export, hours: set[dt.datetime], check_sh
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from lake_convert import workers_for
     from lake_schema import with_hours
 
     runs = line_hours(record)
@@ -458,7 +457,6 @@ def record_batches(path: Path, record: Export, hours: set[dt.datetime], check_sh
     if check_sha256 and sha256_of(path) != record.sha256:
         raise FileChanged(f"{record.file} is not the file recorded (its sha256 differs)")
     count = 0
-    counts["workers"] = workers_for(path, workers.count, workers.chunk_bytes)
     for events, misfits in workers.converted(path):
         batch_runs = take_runs(runs, events.num_rows)
         if batch_runs is None:
@@ -466,6 +464,7 @@ def record_batches(path: Path, record: Export, hours: set[dt.datetime], check_sh
         batch = with_hours(events, batch_runs)
         count += events.num_rows
         counts["misfits"] = counts.get("misfits", 0) + misfits
+        counts["workers"] = workers.used
         yield batch if every_hour else batch.filter(pc.is_in(batch.column("export_hour"), wanted))
     if count != record.events or stamp(path) != before:
         raise FileChanged(f"{record.file} is not the file recorded (its events differ, or it changed while read)")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -29,6 +30,8 @@ NEWLINE, COMMA = ord("\n"), ord(",")
 MISFITS = b"misfits"  # the batch metadata that counts values kept in other_fields
 END = b"end"  # the metadata of the empty batch that ends a file
 WORKER = Path(__file__).resolve()
+
+log = logging.getLogger("fetch_data")
 
 
 class ConversionFailed(Exception):
@@ -69,18 +72,29 @@ class Workers:
         self.count = count
         self.chunk_bytes = chunk_bytes or CHUNK_BYTES
         self.processes: list[subprocess.Popen] = []
+        self.used = 0  # the processes that converted the last file
 
     def start(self) -> None:
         """Start the processes now, if the machine has the cores for them and they are not running."""
         if self.count > 1 and not self.processes:
-            self.processes = [start_worker(number, self.count) for number in range(self.count)]
+            try:
+                for number in range(self.count):
+                    self.processes.append(start_worker(number, self.count))
+            except OSError as exc:  # no process to be had (a limit on processes, a missing interpreter)
+                log.warning("Lake: no conversion worker could start (%s); this process converts alone", exc)
+                self.close()
+                self.count = 1
 
     def converted(self, path: Path):
         """(record batch without the export hour, its misfits) for each chunk of the file, in order."""
-        if workers_for(path, self.count, self.chunk_bytes) == 1:
+        alone = workers_for(path, self.count, self.chunk_bytes) == 1
+        if not alone:
+            self.start()
+        if alone or not self.processes:
+            self.used = 1
             yield from owned_batches(path, 0, 1, self.chunk_bytes)
             return
-        self.start()
+        self.used = self.count
         whole = False
         try:
             job = json.dumps([os.fsdecode(path), self.chunk_bytes]).encode() + b"\n"
@@ -119,8 +133,9 @@ class Workers:
 def start_worker(number: int, count: int) -> subprocess.Popen:
     # Standard error goes to a file (unlinked at once): a pipe nobody reads could fill and stop the worker.
     errors = tempfile.TemporaryFile()  # noqa: SIM115 - closed by Workers.close
+    # A session of its own: Ctrl-C in a terminal reaches the exporter, which ends its workers itself.
     process = subprocess.Popen([sys.executable, str(WORKER), str(number), str(count)], stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, stderr=errors)
+                               stdout=subprocess.PIPE, stderr=errors, start_new_session=True)
     process.errors = errors
     return process
 

@@ -205,3 +205,18 @@ def test_workers_started_once_convert_file_after_file_and_start_anew_after_a_fai
     assert started and not set(first) & {process.pid for process in started}
     pool.close()
     assert pool.processes == [] and all(process.returncode is not None for process in started)
+
+
+def test_without_processes_to_be_had_the_file_is_converted_here_with_a_warning(tmp_path, monkeypatch, caplog):
+    def refused(*args, **kwargs):
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(subprocess, "Popen", refused)
+    lines = standin_lines(300)
+    path = tmp_path / "f.json"
+    path.write_bytes(file_of(lines, "json"))
+    pool = lake_convert.Workers(2, 8192)
+    batches = [batch for batch, _ in pool.converted(path)]
+    assert pa.Table.from_batches(batches).equals(pa.Table.from_batches([lake_schema.Converter().events(lines)]))
+    assert pool.used == 1 and pool.processes == []
+    assert "no conversion worker could start (" in caplog.text
