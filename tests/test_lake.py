@@ -366,6 +366,24 @@ def test_kill_9_at_any_moment_leaves_a_readable_table_and_the_next_run_completes
     assert canonical(map(lake_schema.rebuild_event, rows)) == canonical(exported_events(cli))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_during_a_load_ends_the_run_and_its_workers(cli, standin, signum):
+    standin.events_per_part = 400
+    args = ("--start", "2025-11-01", "--end", "2025-11-03", "--lake", "lake")
+    table = cli.workdir / "lake"
+    victim = cli.start(*args)
+    wait_for(lambda: any(table.rglob("*.parquet")) or victim.poll() is not None)
+    victim.send_signal(signum)
+    _, stderr = victim.communicate(timeout=30)
+    assert victim.returncode == 1 and f"Stopped by {signum.name}" in stderr and "Traceback" not in stderr
+    wait_for(lambda: not conversion_workers(cli))
+    result = cli.run(*args)
+    assert result.returncode == 0, result.stderr
+    rows = table_rows(table)
+    assert canonical(map(lake_schema.rebuild_event, rows)) == canonical(exported_events(cli))
+
+
 def conversion_workers(cli) -> list[int]:
     """The processes running this copy of the project's lake_convert.py."""
     script = str(cli.project / "lake_convert.py").encode()
