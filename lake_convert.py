@@ -111,8 +111,9 @@ class Workers:
                 if number != turn % self.count and next_batch(readers[number], self.processes[number]) is not None:
                     raise ConversionFailed("the workers disagree on where the file ends (it changed meanwhile)")
             whole = True
-        except OSError as exc:  # a worker gone (its stdin closed)
-            raise ConversionFailed(first_error(self.processes[0]) if self.processes else str(exc)) from None
+        except OSError:  # a worker gone before it read the path
+            gone = next((process for process in self.processes if process.poll() is not None), self.processes[0])
+            raise ConversionFailed(first_error(gone)) from None
         finally:
             if not whole:
                 self.close()

@@ -220,3 +220,18 @@ def test_without_processes_to_be_had_the_file_is_converted_here_with_a_warning(t
     assert pa.Table.from_batches(batches).equals(pa.Table.from_batches([lake_schema.Converter().events(lines)]))
     assert pool.used == 1 and pool.processes == []
     assert "no conversion worker could start (" in caplog.text
+
+
+def test_a_worker_gone_between_files_fails_that_file_only(tmp_path):
+    lines = standin_lines(600)
+    path = tmp_path / "f.json"
+    path.write_bytes(file_of(lines, "json"))
+    pool = lake_convert.Workers(2, 16 << 10)
+    pool.start()
+    pool.processes[1].kill()
+    pool.processes[1].wait()
+    with pytest.raises(lake_convert.ConversionFailed, match="ended with code -9"):
+        list(pool.converted(path))
+    assert pool.processes == []
+    assert sum(batch.num_rows for batch, _ in pool.converted(path)) == len(lines)
+    pool.close()
