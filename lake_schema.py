@@ -95,12 +95,12 @@ class Converter:
         with garbage_collection_paused():
             return self._columns(*self._decode(lines))
 
-    def events_of_array(self, array: bytes, count: int) -> pa.RecordBatch | None:
-        """The record batch of one JSON array of `count` events that all fit the schema as they are; None when the
-        array is not that (the caller then goes line by line). Saves splitting and joining the lines of a file."""
+    def events_of_array(self, text: bytes, count: int) -> pa.RecordBatch | None:
+        """The record batch of one JSON array text of `count` events that all fit the schema as they are; None when
+        the text is not that (the caller then goes line by line). Saves splitting and joining the lines of a file."""
         with garbage_collection_paused():
             try:
-                events = self._decode_all(array)
+                events = self._decode_all(text)
             except msgspec.MsgspecError:
                 return None
             return self._columns(events, [None] * count) if len(events) == count else None
