@@ -14,6 +14,15 @@ from tests.conftest import hour
 from tests.test_lake import ODD_LINES, standin_lines
 
 
+@pytest.fixture
+def started(monkeypatch) -> list[subprocess.Popen]:
+    """The worker processes the test starts, as they start."""
+    processes = []
+    popen = subprocess.Popen
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: processes.append(popen(*a, **k)) or processes[-1])
+    return processes
+
+
 def file_of(lines: list[bytes], kind: str, trailing_newline: bool = True) -> bytes:
     """A file as the exporter writes it: a JSON array (one event a line) or JSON lines."""
     if kind == "json":
@@ -90,15 +99,7 @@ def test_worker_processes_give_the_same_rows_and_misfits_as_one_process(tmp_path
         assert misfits == alone.misfits > 0
 
 
-def test_a_file_that_is_not_events_fails_with_the_workers_one_line_and_no_process_left(tmp_path, monkeypatch):
-    started = []
-    popen = subprocess.Popen
-
-    def recording(*args, **kwargs):
-        started.append(popen(*args, **kwargs))
-        return started[-1]
-
-    monkeypatch.setattr(subprocess, "Popen", recording)
+def test_a_file_that_is_not_events_fails_with_the_workers_one_line_and_no_process_left(tmp_path, started):
     path = tmp_path / "f.jsonl"
     path.write_bytes(b'{"a":1}\n' * 5000 + b"not json\n" + b'{"a":1}\n' * 5000)
     with pytest.raises(lake_convert.ConversionFailed, match=r"^DecodeError: JSON is malformed"):
@@ -106,10 +107,7 @@ def test_a_file_that_is_not_events_fails_with_the_workers_one_line_and_no_proces
     assert len(started) == 2 and all(process.returncode is not None for process in started)
 
 
-def test_a_reader_that_stops_early_leaves_no_worker_running(tmp_path, monkeypatch):
-    started = []
-    popen = subprocess.Popen
-    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: started.append(popen(*a, **k)) or started[-1])
+def test_a_reader_that_stops_early_leaves_no_worker_running(tmp_path, started):
     path = tmp_path / "f.jsonl"
     path.write_bytes(file_of(standin_lines(4000), "jsonl"))
     batches = lake_convert.converted(path, 2, 8192)
@@ -169,10 +167,7 @@ def test_an_array_text_is_only_taken_when_each_line_is_one_event():
     assert converter.events_of_array(b'[{"event_type":"a"},{"event_type":"b"}]', 2).num_rows == 2
 
 
-def test_a_worker_killed_midway_fails_the_conversion_with_one_line(tmp_path, monkeypatch):
-    started = []
-    popen = subprocess.Popen
-    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: started.append(popen(*a, **k)) or started[-1])
+def test_a_worker_killed_midway_fails_the_conversion_with_one_line(tmp_path, started):
     path = tmp_path / "f.json"
     path.write_bytes(file_of(standin_lines(3000), "json"))
     batches = lake_convert.converted(path, 2, 4096)  # hundreds of chunks: no worker can finish ahead of its reader
