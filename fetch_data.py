@@ -12,7 +12,7 @@ docs/. This file is the entry point and the pipeline, top-down; each stage lives
     writer        the output file and its counts
     store         manifest, journal, lock, atomic files
     azure_upload  --upload
-    lake          --lake (its schema in lake_schema, its conversion workers in lake_convert)
+    lake          --lake (its schema in lake_schema; lake_convert runs lake_worker processes to convert)
     report        --report
 """
 
@@ -35,7 +35,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 PROJECT_MODULES = ("errors", "windows", "settings", "export_api", "archive", "writer", "store", "logging_config", "progress",
                    "report", "summary", "monitor", "urls", "field_rules", "azure_upload", "lake", "lake_schema", "lake_convert",
-                   "spans")
+                   "lake_worker", "spans")
 
 
 def explain_missing_import(missing: ImportError) -> str:

@@ -2,13 +2,10 @@
 
 Converting JSON into typed columns is Python at heart and takes a day of events seconds on one core, so the file is
 shared out. It is cut into chunks of CHUNK_BYTES of its (decompressed) text; a line belongs to the chunk its first
-byte is in. With N workers, worker k converts chunks k, k+N, k+2N, ... and writes one record batch for each to its
-standard output, as an Arrow IPC stream. The parent reads the streams in turn, which gives the batches in the file's
-order. A worker whose pipe is full waits: memory stays bounded whatever the size of the file. A file of one chunk,
-or a machine of one core, is converted in the parent, the same way.
-
-Run as a worker: `python lake_convert.py WORKER WORKERS`, then one `["path", chunk_bytes]` a line on standard input
-(the parent does that).
+byte is in. With N workers (lake_worker.py), worker k converts chunks k, k+N, k+2N, ... and writes one record batch
+for each to its standard output, as an Arrow IPC stream. The exporter reads the streams in turn, which gives the
+batches in the file's order. A worker whose pipe is full waits: memory stays bounded whatever the size of the file.
+A file of one chunk, or a machine of one core, is converted in the exporter, the same way.
 """
 
 from __future__ import annotations
@@ -22,14 +19,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from archive import UTF8_BOM, without_boms
+from lake_schema import END, MISFITS
 
 CHUNK_BYTES = 2 << 20  # a few thousand events: a worker then holds about 100 MB, Python and pyarrow included
 MAX_WORKERS = 2  # see worker_count
-NEWLINE, COMMA = ord("\n"), ord(",")
-MISFITS = b"misfits"  # the batch metadata that counts values kept in other_fields
-END = b"end"  # the metadata of the empty batch that ends a file
-WORKER = Path(__file__).resolve()
+WORKER = Path(__file__).resolve().with_name("lake_worker.py")
 
 log = logging.getLogger("fetch_data")
 
@@ -91,6 +85,8 @@ class Workers:
         if not alone:
             self.start()
         if alone or not self.processes:
+            from lake_worker import owned_batches  # loads Arrow's compute functions: only when converting here
+
             self.used = 1
             yield from owned_batches(path, 0, 1, self.chunk_bytes)
             return
@@ -167,148 +163,13 @@ def next_batch(reader, process: subprocess.Popen):
 
 
 def first_error(process: subprocess.Popen) -> str:
-    """The last line the worker wrote on standard error, once it has ended."""
-    with contextlib.suppress(OSError):
+    """The last line the worker wrote on standard error, once it has ended (a worker whose stream broke off is
+    ending: it is given a few seconds to say why)."""
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
         process.kill()
-    process.wait()
+        process.wait()
     process.errors.seek(0)
     lines = process.errors.read().decode("utf-8", "replace").strip().splitlines()
     return lines[-1] if lines else f"a conversion worker ended with code {process.returncode}"
-
-
-def owned_batches(path: Path, worker: int, workers: int, chunk_bytes: int):
-    """(record batch, misfits) of each chunk this worker owns, in order."""
-    from lake_schema import Converter
-
-    converter = Converter()
-    lines_file = ".jsonl" in path.name
-    for text in owned_chunks(path, worker, workers, chunk_bytes):
-        before = converter.misfits
-        array, count = array_of(text, lines_file)
-        batch = converter.events_of_array(array, count) if array else None
-        if batch is None:
-            batch = converter.events(event_lines_of(text))
-        yield batch, converter.misfits - before
-
-
-def owned_lines(path: Path, worker: int, workers: int, chunk_bytes: int):
-    """The event lines of each chunk this worker owns, in order; an empty list for an owned chunk where no line
-    starts (inside a long line), so that the parent's turns stay in step."""
-    for text in owned_chunks(path, worker, workers, chunk_bytes):
-        yield event_lines_of(text)
-
-
-def owned_chunks(path: Path, worker: int, workers: int, chunk_bytes: int):
-    with open(path, "rb") as raw:
-        source = raw
-        if path.name.endswith(".gz"):
-            from isal import igzip
-
-            source = igzip.IGzipFile(fileobj=raw, mode="rb")
-        yield from owned_texts(source, worker, workers, chunk_bytes)
-
-
-def owned_texts(stream, worker: int, workers: int, chunk_bytes: int):
-    """The text of the lines starting in each owned chunk, the last one whole even where it runs past its chunk.
-
-    The stream is read whole by every worker, one chunk at a time: a worker must see where lines end before its
-    chunks, and a compressed file can only be read from its start.
-    """
-    ends_line = True  # whether the text so far ends a line: then the next chunk starts with a line
-    pending: list[bytes] | None = None  # an owned chunk's text whose last line is still being read
-    empties = 0  # owned chunks, after the pending one, where no line starts
-    index = 0
-    while chunk := read_fully(stream, chunk_bytes):
-        newline = chunk.find(b"\n")
-        start = 0 if ends_line else (newline + 1 if newline >= 0 else len(chunk))  # the first line starting here
-        if pending is not None:
-            pending.append(chunk[:start])
-            if newline >= 0:
-                yield b"".join(pending)
-                yield from [b""] * empties
-                pending, empties = None, 0
-        if index % workers == worker:
-            if start == len(chunk) and pending is not None:
-                empties += 1
-            elif start == len(chunk):
-                yield b""
-            elif chunk.endswith(b"\n"):
-                yield chunk[start:]
-            else:
-                pending = [chunk[start:]]
-        ends_line = chunk.endswith(b"\n")
-        index += 1
-    if pending is not None:
-        yield b"".join(pending)
-        yield from [b""] * empties
-
-
-def read_fully(stream, size: int) -> bytes:
-    """`size` bytes, or fewer only at the end of the stream (a gzip stream may return less)."""
-    data = stream.read(size)
-    if len(data) in (0, size):
-        return data
-    parts, held = [data], len(data)
-    while held < size and (more := stream.read(size - held)):
-        parts.append(more)
-        held += len(more)
-    return b"".join(parts)
-
-
-def event_lines_of(text: bytes) -> list[bytes]:
-    """The events of some lines of an exported file (JSON array or JSON lines): brackets, blank lines and the commas
-    between array items left out."""
-    lines = text.split(b"\n")
-    if lines[-1] == b"":
-        lines.pop()
-    if UTF8_BOM in text:
-        lines = without_boms(lines)
-    return [line[:-1] if line.endswith(b",") else line for line in lines if line not in (b"[", b"]", b"[]", b"")]
-
-
-def array_of(text: bytes, lines_file: bool) -> tuple[bytes | None, int]:
-    """Some lines of an exported file as one JSON array text, and how many lines it holds, in one copy: JSON lines
-    get commas, a JSON array's lines have them. (None, 0) for a chunk with no event."""
-    start = 2 if text.startswith(b"[\n") else 0  # the array's opening line: no event starts with a bracket
-    end = len(text)
-    for closing in (b"\n]\n", b"\n]"):
-        if text.endswith(closing):
-            end -= len(closing) - 1
-            break
-    if end > start and text[end - 1] == NEWLINE:
-        end -= 1
-    if end - start <= 2 and text[start:end] in (b"", b"[]", b"[", b"]"):
-        return None, 0
-    count = text.count(b"\n", start, end) + 1
-    if lines_file:  # the newlines between the lines, and any before them, become commas
-        text = text.replace(b"\n", b",", count - 1 + text.count(b"\n", 0, start))
-    elif text[end - 1] == COMMA:
-        end -= 1
-    return b"".join((b"[", memoryview(text)[start:end], b"]")), count
-
-
-def serve(worker: int, workers: int) -> None:
-    """A worker: for each path read on standard input, its owned chunks' record batches on standard output."""
-    import pyarrow as pa
-
-    from lake_schema import EVENT_SCHEMA
-
-    out = sys.stdout.buffer
-    for job in sys.stdin.buffer:
-        path, chunk_bytes = json.loads(job)
-        with pa.ipc.new_stream(out, EVENT_SCHEMA) as sink:
-            for batch, misfits in owned_batches(Path(path), worker, workers, chunk_bytes):
-                sink.write_batch(batch, custom_metadata={MISFITS: str(misfits)})
-                out.flush()
-            sink.write_batch(pa.RecordBatch.from_pylist([], EVENT_SCHEMA), custom_metadata={END: b"1"})
-        out.flush()
-
-
-if __name__ == "__main__":
-    try:
-        serve(int(sys.argv[1]), int(sys.argv[2]))
-    except (BrokenPipeError, KeyboardInterrupt):  # the parent stopped reading: it has what it needs, or failed
-        sys.exit(1)
-    except Exception as exc:  # one line for the parent's message
-        print(f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}", file=sys.stderr)
-        sys.exit(1)

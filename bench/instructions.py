@@ -60,7 +60,7 @@ def run_stage(stage: str, rounds: int, archive: Path) -> None:
         first = opened.infolist()[0]
         lines = igzip.decompress(opened.read(first)).split(b"\n")[: STAGES[stage]]
     if stage == "lake conversion":
-        from lake_schema import Converter
+        from lake_worker import Converter
 
         converter = Converter()
         converter.events(lines[:100])  # decoders built and modules warm before counting starts

@@ -1,4 +1,5 @@
-"""lake_convert: a file shared out in chunks among worker processes, and put back together in the file's order."""
+"""lake_convert and lake_worker: a file shared out in chunks among worker processes, and put back together in
+the file's order."""
 
 import gzip
 import io
@@ -10,6 +11,7 @@ import pytest
 
 import lake_convert
 import lake_schema
+import lake_worker
 from tests.conftest import hour
 from tests.test_lake import ODD_LINES, standin_lines
 
@@ -34,7 +36,7 @@ def file_of(lines: list[bytes], kind: str, trailing_newline: bool = True) -> byt
 
 def round_robin(path, workers, chunk_bytes) -> list[list[bytes]]:
     """The workers' chunks in the parent's order, each worker run in this process."""
-    streams = [list(lake_convert.owned_lines(path, worker, workers, chunk_bytes)) for worker in range(workers)]
+    streams = [list(lake_worker.owned_lines(path, worker, workers, chunk_bytes)) for worker in range(workers)]
     counts = [len(stream) for stream in streams]
     assert counts == sorted(counts, reverse=True) and counts[0] - counts[-1] <= 1  # turns stay in step
     return [streams[turn % workers][turn // workers] for turn in range(sum(counts))]
@@ -73,7 +75,7 @@ def test_a_line_longer_than_several_chunks_comes_whole_in_the_chunk_it_starts_in
 
 
 def test_a_byte_order_mark_and_blank_lines_are_left_out_as_when_exporting():
-    assert lake_convert.event_lines_of(b'\xef\xbb\xbf{"a":1},\n\n[\n]\n{"b":2}') == [b'{"a":1}', b'{"b":2}']
+    assert lake_worker.event_lines_of(b'\xef\xbb\xbf{"a":1},\n\n[\n]\n{"b":2}') == [b'{"a":1}', b'{"b":2}']
 
 
 def batches_of(path, workers, chunk_bytes) -> tuple[pa.Table, int]:
@@ -88,8 +90,8 @@ def test_worker_processes_give_the_same_rows_and_misfits_as_one_process(tmp_path
     path = tmp_path / f"f.{kind}"
     data = file_of(lines, kind.split(".")[0])
     path.write_bytes(gzip.compress(data) if kind.endswith(".gz") else data)
-    alone = lake_schema.Converter()
-    expected = lake_schema.Converter().events(lines)
+    alone = lake_worker.Converter()
+    expected = lake_worker.Converter().events(lines)
     alone.events(lines)
     assert lake_convert.workers_for(path, 3, 48 << 10) == 3
     for workers in (1, 2, 3):  # 1: this process, the others: as many workers
@@ -126,13 +128,13 @@ def test_read_fully_waits_for_short_reads():
             return piece
 
     stream = Trickle(b"0123456789")
-    assert lake_convert.read_fully(stream, 7) == b"0123456"
-    assert lake_convert.read_fully(stream, 7) == b"789"
-    assert lake_convert.read_fully(stream, 7) == b""
+    assert lake_worker.read_fully(stream, 7) == b"0123456"
+    assert lake_worker.read_fully(stream, 7) == b"789"
+    assert lake_worker.read_fully(stream, 7) == b""
 
 
 def test_hours_are_added_by_the_parent_in_the_files_order():
-    events = lake_schema.Converter().events([b'{"event_type":"a"}', b'{"event_type":"b"}', b'{"event_type":"c"}'])
+    events = lake_worker.Converter().events([b'{"event_type":"a"}', b'{"event_type":"b"}', b'{"event_type":"c"}'])
     batch = lake_schema.with_hours(events, [(hour("20251101T03"), 1), (hour("20251101T04"), 2)])
     assert batch.schema == lake_schema.SCHEMA
     assert [row["export_hour"].hour for row in batch.to_pylist()] == [3, 4, 4]
@@ -143,26 +145,26 @@ def test_hours_are_added_by_the_parent_in_the_files_order():
 @pytest.mark.parametrize("kind", ["json", "jsonl", "jsonl.gz"])
 def test_chunks_decoded_whole_give_the_rows_of_the_lines_one_by_one(tmp_path, kind):
     lines = standin_lines(600) + ODD_LINES + standin_lines(200, seed=8)
-    expected = pa.Table.from_batches([lake_schema.Converter().events(lines)])
+    expected = pa.Table.from_batches([lake_worker.Converter().events(lines)])
     data = file_of(lines, kind.split(".")[0])
     path = tmp_path / f"f.{kind}"
     path.write_bytes(gzip.compress(data) if kind.endswith(".gz") else data)
     for chunk_bytes in (9_000, 100_000, 1 << 20):
-        batches = [batch for batch, _ in lake_convert.owned_batches(path, 0, 1, chunk_bytes)]
+        batches = [batch for batch, _ in lake_worker.owned_batches(path, 0, 1, chunk_bytes)]
         assert pa.Table.from_batches(batches, lake_schema.EVENT_SCHEMA).equals(expected), chunk_bytes
 
 
 def test_an_array_text_is_only_taken_when_each_line_is_one_event():
-    assert lake_convert.array_of(b'[\n{"a":1},\n{"b":2}\n]\n', False) == (b'[{"a":1},\n{"b":2}]', 2)
-    assert lake_convert.array_of(b'{"a":1},\n{"b":2},\n', False) == (b'[{"a":1},\n{"b":2}]', 2)
-    assert lake_convert.array_of(b'{"a":1}\n{"b":2}\n', True) == (b'[{"a":1},{"b":2}]', 2)
-    assert lake_convert.array_of(b'{"a":1}\n{"b":2}', True) == (b'[{"a":1},{"b":2}]', 2)
-    assert lake_convert.array_of(b'[\n{"a":1}\n{"b":2}\n', True) == (b'[{"a":1},{"b":2}]', 2)
-    assert lake_convert.array_of(b'{"a":1},\n{"b":2}\n]', False) == (b'[{"a":1},\n{"b":2}]', 2)
-    assert lake_convert.array_of(b"[]\n", False) == lake_convert.array_of(b"[\n]\n", False) == (None, 0)
-    assert lake_convert.array_of(b"\n", True) == (None, 0)
-    converter = lake_schema.Converter()
-    two_on_a_line = lake_convert.array_of(b'{"event_type":"a"},{"event_type":"b"}\n', True)
+    assert lake_worker.array_of(b'[\n{"a":1},\n{"b":2}\n]\n', False) == (b'[{"a":1},\n{"b":2}]', 2)
+    assert lake_worker.array_of(b'{"a":1},\n{"b":2},\n', False) == (b'[{"a":1},\n{"b":2}]', 2)
+    assert lake_worker.array_of(b'{"a":1}\n{"b":2}\n', True) == (b'[{"a":1},{"b":2}]', 2)
+    assert lake_worker.array_of(b'{"a":1}\n{"b":2}', True) == (b'[{"a":1},{"b":2}]', 2)
+    assert lake_worker.array_of(b'[\n{"a":1}\n{"b":2}\n', True) == (b'[{"a":1},{"b":2}]', 2)
+    assert lake_worker.array_of(b'{"a":1},\n{"b":2}\n]', False) == (b'[{"a":1},\n{"b":2}]', 2)
+    assert lake_worker.array_of(b"[]\n", False) == lake_worker.array_of(b"[\n]\n", False) == (None, 0)
+    assert lake_worker.array_of(b"\n", True) == (None, 0)
+    converter = lake_worker.Converter()
+    two_on_a_line = lake_worker.array_of(b'{"event_type":"a"},{"event_type":"b"}\n', True)
     assert converter.events_of_array(*two_on_a_line) is None  # one line, two events: line by line, where it fails
     assert converter.events_of_array(b'[{"event_type":"a"},{"event_type":"b"}]', 2).num_rows == 2
 
@@ -183,7 +185,7 @@ def test_workers_started_once_convert_file_after_file_and_start_anew_after_a_fai
     good, bad = tmp_path / "good.json", tmp_path / "bad.jsonl"
     good.write_bytes(file_of(lines, "json"))
     bad.write_bytes(b'{"a":1}\n' * 20000 + b"not json\n")
-    expected = pa.Table.from_batches([lake_schema.Converter().events(lines)])
+    expected = pa.Table.from_batches([lake_worker.Converter().events(lines)])
     pool = lake_convert.Workers(2, 32 << 10)
     pool.start()
     first = [process.pid for process in pool.processes]
@@ -212,7 +214,7 @@ def test_without_processes_to_be_had_the_file_is_converted_here_with_a_warning(t
     path.write_bytes(file_of(lines, "json"))
     pool = lake_convert.Workers(2, 8192)
     batches = [batch for batch, _ in pool.converted(path)]
-    assert pa.Table.from_batches(batches).equals(pa.Table.from_batches([lake_schema.Converter().events(lines)]))
+    assert pa.Table.from_batches(batches).equals(pa.Table.from_batches([lake_worker.Converter().events(lines)]))
     assert pool.used == 1 and pool.processes == []
     assert "no conversion worker could start (" in caplog.text
 
