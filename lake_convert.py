@@ -19,8 +19,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-from lake_schema import END, MISFITS
-
 CHUNK_BYTES = 2 << 20  # a few thousand events: a worker then holds about 100 MB, Python and pyarrow included
 MAX_WORKERS = 2  # see worker_count
 WORKER = Path(__file__).resolve().with_name("lake_worker.py")
@@ -150,6 +148,8 @@ def next_batch(reader, process: subprocess.Popen):
     """(the next record batch, its misfits), or None after the batch that ends the file; ConversionFailed when the
     worker failed."""
     import pyarrow as pa
+
+    from lake_schema import END, MISFITS
 
     try:
         batch, metadata = reader.read_next_batch_with_custom_metadata()

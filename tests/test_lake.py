@@ -6,6 +6,8 @@ import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 
 import polars as pl
@@ -19,7 +21,7 @@ import lake_worker
 from amplitude_standin import make_event, member_name
 from errors import UsageError
 from settings import parse_settings
-from tests.conftest import API_KEY, SECRET_KEY, hour
+from tests.conftest import API_KEY, ROOT, SECRET_KEY, hour
 
 DAY = ("--date", "2025-11-01")
 UTC = dt.UTC
@@ -513,13 +515,56 @@ def test_maintaining_a_table_that_is_not_there_creates_none(cli, standin):
 
 
 def test_lake_without_its_packages_says_which_file_to_install(cli, standin, tmp_path):
-    shadow = tmp_path / "shadow" / "deltalake"
-    shadow.mkdir(parents=True)
-    (shadow / "__init__.py").write_text("raise ImportError('no deltalake here')")
+    for package in ("deltalake", "pyarrow"):
+        shadow = tmp_path / "shadow" / package
+        shadow.mkdir(parents=True)
+        (shadow / "__init__.py").write_text(f"raise ImportError('no {package} here')")
     result = cli.run(*DAY, "--lake", "lake", PYTHONPATH=str(tmp_path / "shadow"))
     assert result.returncode == 2
     assert "--lake needs the Delta Lake packages" in result.stderr and "requirements-lake.txt" in result.stderr
     assert standin.requests == []
+    # Without --lake, the packages are neither needed nor loaded: a plain export runs without them.
+    result = cli.run(*DAY, PYTHONPATH=str(tmp_path / "shadow"))
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.quick
+def test_a_run_without_lake_loads_no_arrow():
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import fetch_data, lake, lake_convert; "
+             "print(sorted(m for m in ('pyarrow', 'deltalake', 'pyarrow.compute') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", probe, str(ROOT)], capture_output=True, text=True, check=True)
+    assert loaded.stdout.split() == ["[]"]
+
+
+LOAD_BY_WORKERS = """
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import lake
+from store import Export
+folder = Path(sys.argv[2])
+target = lake.target_from(str(folder / "table"), None, folder, {})
+table = lake.open_lake(target, folder, None)
+table.workers.chunk_bytes = 16 << 10
+record = Export(start="20251101T00", end="20251101T00", file="f.jsonl", events=int(sys.argv[3]), size=1,
+                sha256="0" * 64, finished_at="x", runs=[("20251101T00", int(sys.argv[3]))])
+table.load(record)
+table.close()
+print(table.version, "pyarrow.compute" in sys.modules)
+"""
+
+
+def test_an_exporter_whose_workers_convert_never_loads_arrows_compute_functions(tmp_path):
+    import lake_convert
+
+    if lake_convert.worker_count() == 1:
+        pytest.skip("one core: the exporter converts, with Arrow's compute functions")
+    lines = standin_lines(600)
+    (tmp_path / "f.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    loaded = subprocess.run([sys.executable, "-c", LOAD_BY_WORKERS, str(ROOT), str(tmp_path), str(len(lines))],
+                            capture_output=True, text=True, check=True)
+    assert loaded.stdout.split() == ["1", "False"]  # 11 MB and 45 ms of the exporter saved
+    assert len(DeltaTable(tmp_path / "table").to_pyarrow_table()) == len(lines)
 
 
 def test_an_azure_lake_without_the_azure_packages_says_which_file_to_install(cli, standin, tmp_path):
