@@ -48,7 +48,10 @@ def random_lines(rng: random.Random, count: int) -> list[bytes]:
             for index in range(count)]
 
 
-@pytest.mark.parametrize("kind", ["json", "jsonl", "json.gz"])
+SLOW = pytest.mark.slow  # the other layouts: the full suite runs them, the quick tier one
+
+
+@pytest.mark.parametrize("kind", ["json", pytest.param("jsonl", marks=SLOW), pytest.param("json.gz", marks=SLOW)])
 def test_every_worker_count_and_chunk_size_gives_back_every_line_once_in_order(tmp_path, kind):
     rng = random.Random(kind)
     for case in range(60):
@@ -84,7 +87,7 @@ def batches_of(path, workers, chunk_bytes) -> tuple[pa.Table, int]:
     return table, sum(misfits for _, misfits in converted)
 
 
-@pytest.mark.parametrize("kind", ["json", "jsonl.gz"])
+@pytest.mark.parametrize("kind", ["json", pytest.param("jsonl.gz", marks=SLOW)])
 def test_worker_processes_give_the_same_rows_and_misfits_as_one_process(tmp_path, kind):
     lines = standin_lines(1200) + ODD_LINES * 10
     path = tmp_path / f"f.{kind}"
@@ -180,6 +183,7 @@ def test_a_worker_killed_midway_fails_the_conversion_with_one_line(tmp_path, sta
     assert all(process.returncode is not None for process in started)
 
 
+@pytest.mark.slow
 def test_workers_started_once_convert_file_after_file_and_start_anew_after_a_failure(tmp_path):
     lines = standin_lines(1500)
     good, bad = tmp_path / "good.json", tmp_path / "bad.jsonl"
