@@ -22,6 +22,7 @@ from pathlib import Path
 CHUNK_BYTES = 2 << 20  # a few thousand events: a worker then holds about 100 MB, Python and pyarrow included
 MAX_WORKERS = 2  # see worker_count
 WORKER = Path(__file__).resolve().with_name("lake_worker.py")
+CGROUP = Path("/sys/fs/cgroup")
 
 log = logging.getLogger("fetch_data")
 
@@ -30,10 +31,30 @@ class ConversionFailed(Exception):
     """A worker could not convert its part of the file (it was changed, or the worker was killed)."""
 
 
-def worker_count() -> int:
-    """One worker a core this process may run on, up to MAX_WORKERS; one means the parent converts alone."""
+def worker_count(cgroup: Path = CGROUP) -> int:
+    """One worker a core this process may use, up to MAX_WORKERS; one means the parent converts alone.
+
+    The cores it may run on, less any CPU quota of its control group (a container or a Kubernetes pod limited to one
+    CPU sees every core of its host, and two workers would then only share that one CPU, with 100 MB more each).
+    """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cpu_quota(cgroup)
+    if quota is not None:
+        cores = min(cores, int(quota))
     return max(1, min(MAX_WORKERS, cores))
+
+
+def cpu_quota(cgroup: Path) -> float | None:
+    """The CPUs the control group may use (cgroup v2's cpu.max, or v1's CFS quota), None when unlimited or unknown."""
+    try:
+        if (cgroup / "cpu.max").exists():
+            quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+        else:
+            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        return None if quota in ("max", "-1") else int(quota) / int(period)
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
 
 
 def workers_for(path: Path, workers: int, chunk_bytes: int | None = None) -> int:

@@ -3,6 +3,7 @@ the file's order."""
 
 import gzip
 import io
+import os
 import random
 import subprocess
 
@@ -236,3 +237,24 @@ def test_a_worker_gone_between_files_fails_that_file_only(tmp_path):
     assert pool.processes == []
     assert sum(batch.num_rows for batch, _ in pool.converted(path)) == len(lines)
     pool.close()
+
+
+@pytest.mark.parametrize(("files", "quota"), [
+    ({"cpu.max": "max 100000\n"}, None),
+    ({"cpu.max": "150000 100000\n"}, 1.5),
+    ({"cpu.max": "200000 100000\n"}, 2.0),
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({"cpu/cpu.cfs_quota_us": "50000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 0.5),
+    ({"cpu.max": "garbage"}, None),
+    ({}, None),
+])
+def test_a_cpu_quota_of_the_control_group_caps_the_workers(tmp_path, files, quota):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert lake_convert.cpu_quota(tmp_path) == quota
+    cores = len(os.sched_getaffinity(0))
+    expected = max(1, min(lake_convert.MAX_WORKERS, cores, int(quota) if quota is not None else cores))
+    assert lake_convert.worker_count(tmp_path) == expected
+    if quota is not None and quota < 2:
+        assert lake_convert.worker_count(tmp_path) == 1  # one CPU's worth: the exporter converts alone
