@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import hashlib
 import json
 import logging
 import re
@@ -27,7 +26,18 @@ from urllib.parse import urlsplit
 
 from errors import ExportError, UsageError
 from lake_convert import Workers, worker_count
-from store import DECODE_LAKE, MANIFEST_NAME, Export, LakeLoad, append_manifest, file_key, file_state, hour_of, marked_lines
+from store import (
+    DECODE_LAKE,
+    MANIFEST_NAME,
+    Export,
+    LakeLoad,
+    append_manifest,
+    file_key,
+    file_sha256,
+    file_state,
+    hour_of,
+    marked_lines,
+)
 from windows import HOUR, format_hour, hours_between, iso_utc, now_utc
 
 log = logging.getLogger("fetch_data")
@@ -320,7 +330,7 @@ class Lake:
         if counts.get("misfits"):
             log.warning("Lake: %s: %d value(s) did not fit their column's type and are kept as JSON in other_fields",
                         record.file, counts["misfits"])
-        return counts.get("workers", 1)
+        return self.workers.used
 
     def _check_schema(self) -> None:
         from lake_schema import SCHEMA
@@ -453,7 +463,7 @@ def record_batches(path: Path, record: Export, hours: set[dt.datetime], check_sh
     wanted = pa.array(sorted(hours), pa.timestamp("us", tz="UTC"))
     every_hour = set(hours) >= {hour for hour, _ in runs}
     before = stamp(path)
-    if check_sha256 and sha256_of(path) != record.sha256:
+    if check_sha256 and file_sha256(path) != record.sha256:
         raise FileChanged(f"{record.file} is not the file recorded (its sha256 differs)")
     count = 0
     for events, misfits in workers.converted(path):
@@ -463,7 +473,6 @@ def record_batches(path: Path, record: Export, hours: set[dt.datetime], check_sh
         batch = with_hours(events, batch_runs)
         count += events.num_rows
         counts["misfits"] = counts.get("misfits", 0) + misfits
-        counts["workers"] = workers.used
         yield batch if every_hour else only_hours(batch, wanted)
     if count != record.events or stamp(path) != before:
         raise FileChanged(f"{record.file} is not the file recorded (its events differ, or it changed while read)")
@@ -481,10 +490,6 @@ def stamp(path: Path) -> tuple[int, int, int]:
     status = path.stat()
     return status.st_ino, status.st_size, status.st_mtime_ns
 
-
-def sha256_of(path: Path) -> str:
-    with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def take_runs(runs: list[tuple[dt.datetime, int]], lines: int) -> list[tuple[dt.datetime, int]] | None:

@@ -62,16 +62,6 @@ def workers_for(path: Path, workers: int, chunk_bytes: int | None = None) -> int
     return 1 if path.stat().st_size <= (chunk_bytes or CHUNK_BYTES) else max(1, workers)
 
 
-def converted(path: Path, workers: int, chunk_bytes: int | None = None):
-    """(record batch without the export hour, its misfits) for each chunk of the file, in order, by workers of
-    their own that end with it."""
-    pool = Workers(workers, chunk_bytes)
-    try:
-        yield from pool.converted(path)
-    finally:
-        pool.close()
-
-
 class Workers:
     """Worker processes, started once and given file after file: the interpreter and pyarrow start while the export
     runs, and a refill of many files pays for them once.

@@ -39,7 +39,6 @@ from lake_schema import (
     TIME_FORMAT,
     UTC_MICROS,
     column_of,
-    with_hours,
 )
 
 TIME_TEXT = r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\.\d{6}$"  # how Amplitude writes its times, and only that
@@ -82,13 +81,6 @@ def owned_batches(path: Path, worker: int, workers: int, chunk_bytes: int):
         if batch is None:
             batch = converter.events(event_lines_of(text))
         yield batch, converter.misfits - before
-
-
-def owned_lines(path: Path, worker: int, workers: int, chunk_bytes: int):
-    """The event lines of each chunk this worker owns, in order; an empty list for an owned chunk where no line
-    starts (inside a long line), so that the parent's turns stay in step."""
-    for text in owned_chunks(path, worker, workers, chunk_bytes):
-        yield event_lines_of(text)
 
 
 def owned_chunks(path: Path, worker: int, workers: int, chunk_bytes: int):
@@ -192,10 +184,6 @@ class Converter:
         self.extra_keys: list[str] = []
         self.misfits = 0
         self._define()
-
-    def batch(self, lines: list[bytes], hours: list[tuple[dt.datetime, int]]) -> pa.RecordBatch:
-        """The record batch of `lines`; `hours` gives runs of lines their export hour, in order."""
-        return with_hours(self.events(lines), hours)
 
     def events(self, lines: list[bytes]) -> pa.RecordBatch:
         """The record batch of `lines`, in EVENT_SCHEMA."""

@@ -86,7 +86,7 @@ ODD_LINES = [
 def test_every_event_of_the_archives_rebuilds_from_its_row():
     converter = lake_worker.Converter()
     for lines in (standin_lines(), ODD_LINES, standin_lines(300, seed=3) + ODD_LINES):
-        batch = converter.batch(lines, [(hour("20251101T00"), len(lines))])
+        batch = lake_schema.with_hours(converter.events(lines), [(hour("20251101T00"), len(lines))])
         assert batch.schema == lake_schema.SCHEMA
         rebuilt = [lake_schema.rebuild_event(row) for row in batch.to_pylist()]
         assert rebuilt == [json.loads(line) for line in lines]
@@ -99,7 +99,8 @@ def test_a_row_names_the_same_absent_keys_whether_or_not_its_batch_agrees():
     mixed = [*uniform, b'{"event_type":"c"}']
 
     def rows(lines):
-        return lake_worker.Converter().batch(lines, [(hour("20251101T00"), len(lines))]).to_pylist()
+        events = lake_worker.Converter().events(lines)
+        return lake_schema.with_hours(events, [(hour("20251101T00"), len(lines))]).to_pylist()
 
     assert [row["absent_fields"] for row in rows(uniform)] == [row["absent_fields"] for row in rows(mixed)[:2]]
     absent = json.loads(rows(mixed)[2]["absent_fields"])
@@ -111,7 +112,7 @@ def test_a_row_names_the_same_absent_keys_whether_or_not_its_batch_agrees():
 
 def test_values_get_their_natural_types_and_misfits_are_kept_as_json():
     converter = lake_worker.Converter()
-    rows = converter.batch(ODD_LINES, [(hour("20251101T05"), len(ODD_LINES))]).to_pylist()
+    rows = lake_schema.with_hours(converter.events(ODD_LINES), [(hour("20251101T05"), len(ODD_LINES))]).to_pylist()
     assert rows[1]["paying"] is None and json.loads(rows[1]["other_fields"]) == {"paying": "yes", "event_id": "x"}
     assert rows[1]["location_lat"] == 52.0 and rows[1]["is_attribution_event"] is False
     assert rows[2]["event_time"] is None and rows[2]["amplitude_id"] is None and rows[2]["user_id"] == '"qé'
@@ -130,7 +131,7 @@ def test_values_get_their_natural_types_and_misfits_are_kept_as_json():
 
 def test_property_maps_keep_the_text_amplitude_sent():
     line = b'{"event_type":"a","event_properties":{"x": 1.10, "y": "\\u00e9\\/", "z": 1e5},"user_properties":{ }}'
-    row = lake_worker.Converter().batch([line], [(hour("20251101T00"), 1)]).to_pylist()[0]
+    row = lake_schema.with_hours(lake_worker.Converter().events([line]), [(hour("20251101T00"), 1)]).to_pylist()[0]
     assert row["event_properties"] == '{"x": 1.10, "y": "\\u00e9\\/", "z": 1e5}'
     assert row["user_properties"] == "{ }"
 
@@ -138,7 +139,7 @@ def test_property_maps_keep_the_text_amplitude_sent():
 def test_a_key_amplitude_adds_tomorrow_is_learnt_once_and_kept():
     converter = lake_worker.Converter()
     lines = [b'{"event_type":"a","new_field":[1,{"b":2}]}', b'{"event_type":"b"}', b'{"event_type":"c","new_field":3}']
-    rows = converter.batch(lines, [(hour("20251101T00"), 3)]).to_pylist()
+    rows = lake_schema.with_hours(converter.events(lines), [(hour("20251101T00"), 3)]).to_pylist()
     assert converter.extra_keys == ["new_field"]
     assert [row["other_fields"] for row in rows] == ['{"new_field":[1,{"b":2}]}', None, '{"new_field":3}']
     assert converter.misfits == 0
@@ -147,7 +148,7 @@ def test_a_key_amplitude_adds_tomorrow_is_learnt_once_and_kept():
 def test_events_that_each_bring_new_keys_do_not_grow_the_decoder_without_bound():
     converter = lake_worker.Converter()
     lines = [b'{"event_type":"a","k%d":%d,"k%d":[%d]}' % (n, n, n + 100_000, n) for n in range(2000)]
-    rows = converter.batch(lines, [(hour("20251101T00"), len(lines))]).to_pylist()
+    rows = lake_schema.with_hours(converter.events(lines), [(hour("20251101T00"), len(lines))]).to_pylist()
     assert len(converter.extra_keys) == lake_worker.MAX_LEARNT_KEYS
     assert [lake_schema.rebuild_event(row) for row in rows] == [json.loads(line) for line in lines]
 

@@ -35,9 +35,19 @@ def file_of(lines: list[bytes], kind: str, trailing_newline: bool = True) -> byt
     return text + b"\n" if trailing_newline else text
 
 
+def converted(path, workers, chunk_bytes):
+    """The file's batches from workers of their own, ended with the last batch or with the reader."""
+    pool = lake_convert.Workers(workers, chunk_bytes)
+    try:
+        yield from pool.converted(path)
+    finally:
+        pool.close()
+
+
 def round_robin(path, workers, chunk_bytes) -> list[list[bytes]]:
     """The workers' chunks in the parent's order, each worker run in this process."""
-    streams = [list(lake_worker.owned_lines(path, worker, workers, chunk_bytes)) for worker in range(workers)]
+    streams = [[lake_worker.event_lines_of(text) for text in lake_worker.owned_chunks(path, worker, workers, chunk_bytes)]
+               for worker in range(workers)]
     counts = [len(stream) for stream in streams]
     assert counts == sorted(counts, reverse=True) and counts[0] - counts[-1] <= 1  # turns stay in step
     return [streams[turn % workers][turn // workers] for turn in range(sum(counts))]
@@ -83,9 +93,9 @@ def test_a_byte_order_mark_and_blank_lines_are_left_out_as_when_exporting():
 
 
 def batches_of(path, workers, chunk_bytes) -> tuple[pa.Table, int]:
-    converted = list(lake_convert.converted(path, workers, chunk_bytes))
-    table = pa.Table.from_batches([batch for batch, _ in converted], lake_schema.EVENT_SCHEMA)
-    return table, sum(misfits for _, misfits in converted)
+    found = list(converted(path, workers, chunk_bytes))
+    table = pa.Table.from_batches([batch for batch, _ in found], lake_schema.EVENT_SCHEMA)
+    return table, sum(misfits for _, misfits in found)
 
 
 @pytest.mark.parametrize("kind", ["json", pytest.param("jsonl.gz", marks=SLOW)])
@@ -109,14 +119,14 @@ def test_a_file_that_is_not_events_fails_with_the_workers_one_line_and_no_proces
     path = tmp_path / "f.jsonl"
     path.write_bytes(b'{"a":1}\n' * 5000 + b"not json\n" + b'{"a":1}\n' * 5000)
     with pytest.raises(lake_convert.ConversionFailed, match=r"^DecodeError: JSON is malformed"):
-        list(lake_convert.converted(path, 2, 4096))
+        list(converted(path, 2, 4096))
     assert len(started) == 2 and all(process.returncode is not None for process in started)
 
 
 def test_a_reader_that_stops_early_leaves_no_worker_running(tmp_path, started):
     path = tmp_path / "f.jsonl"
     path.write_bytes(file_of(standin_lines(4000), "jsonl"))
-    batches = lake_convert.converted(path, 2, 8192)
+    batches = converted(path, 2, 8192)
     next(batches)
     batches.close()
     assert len(started) == 2 and all(process.returncode is not None for process in started)
@@ -176,7 +186,7 @@ def test_an_array_text_is_only_taken_when_each_line_is_one_event():
 def test_a_worker_killed_midway_fails_the_conversion_with_one_line(tmp_path, started):
     path = tmp_path / "f.json"
     path.write_bytes(file_of(standin_lines(3000), "json"))
-    batches = lake_convert.converted(path, 2, 4096)  # hundreds of chunks: no worker can finish ahead of its reader
+    batches = converted(path, 2, 4096)  # hundreds of chunks: no worker can finish ahead of its reader
     next(batches)
     started[1].kill()
     with pytest.raises(lake_convert.ConversionFailed, match=r"^a conversion worker ended with code -9$"):
