@@ -88,7 +88,7 @@ def build_archive_file(archive: Path, size_mb: int, level: int = 6, distinct: bo
     """
     rng = random.Random(size_mb)
     first = dt.datetime.strptime(DAY, "%Y-%m-%d").replace(tzinfo=dt.UTC)
-    pool = [make_event(first, i % 2, i, rng) for i in range(POOL_SIZE)]
+    pool = [make_event(first, i % 2, i, rng, complete=True) for i in range(POOL_SIZE)]
     parts = 1 if distinct else PARTS_PER_HOUR
     per_member = size_mb * 1_000_000 // (24 * parts)
     events = 0
