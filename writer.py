@@ -104,6 +104,9 @@ class Sink:
 
     QUEUED = 2
     GATHER_BYTES = 256 << 10  # small writes (an archive of tiny members) are gathered to this before handing over
+    # Written bytes are synced to disk as they pile up, on this thread while the export goes on, so that finish()
+    # waits for the last few megabytes only, not for the whole file (a tenth of a second for 250 MB here).
+    SYNC_BYTES = 8 << 20
 
     def __init__(self, file):
         self._file = file
@@ -149,11 +152,17 @@ class Sink:
         self._file.close()
 
     def _drain(self) -> None:
+        unsynced = 0
         while (data := self._queue.get()) is not None:
             try:
                 if self._failure is None:
                     self._file.write(data)
                     self._hash.update(data)
+                    unsynced += len(data)
+                    if unsynced >= self.SYNC_BYTES:
+                        self._file.flush()
+                        os.fdatasync(self._file.fileno())
+                        unsynced = 0
             except OSError as exc:  # a full disk: said on the writer's next call
                 self._failure = exc
             finally:

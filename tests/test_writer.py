@@ -1,26 +1,29 @@
 """EventWriter: the file layouts, gzip members, rollback of a damaged download, the hash of what is on disk."""
 
+import errno
 import gzip
 import hashlib
 import json
+import os
 
 import pytest
 
+import writer
 from tests.conftest import as_array, as_jsonl
-from writer import EventWriter
+from writer import EventWriter, Sink
 
 LINES = [b'{"a":1}', b'{"b":"\xc3\xa9","big":18446744073709551616}', b'{"c":"\\u00e9"}']
 
 
 def written(tmp_path, file_format, use_gzip, batches):
-    writer = EventWriter(tmp_path / "out.part", file_format, use_gzip)
+    out = EventWriter(tmp_path / "out.part", file_format, use_gzip)
     for batch in batches:
-        writer.write_events(batch)
-    writer.finish()
+        out.write_events(batch)
+    out.finish()
     content = (tmp_path / "out.part").read_bytes()
-    assert writer.size == len(content)
-    assert writer.sha256() == hashlib.sha256(content).hexdigest()
-    return writer, gzip.decompress(content) if use_gzip else content
+    assert out.size == len(content)
+    assert out.sha256() == hashlib.sha256(content).hexdigest()
+    return out, gzip.decompress(content) if use_gzip else content
 
 
 @pytest.mark.parametrize("use_gzip", [False, True])
@@ -72,3 +75,37 @@ def test_the_writer_never_overwrites(tmp_path):
     with pytest.raises(FileExistsError):
         EventWriter(tmp_path / "out.part", "json", False)
     assert (tmp_path / "out.part").read_bytes() == b"keep"
+
+
+def big_lines(count: int) -> list[bytes]:
+    """Lines past the writer's gathering size, so each batch goes to its thread as it is."""
+    return [b'{"n":%d,"pad":"%b"}' % (n, b"x" * Sink.GATHER_BYTES) for n in range(count)]
+
+
+def test_written_bytes_are_synced_while_writing_goes_on(tmp_path, monkeypatch):
+    synced = []
+    monkeypatch.setattr(Sink, "SYNC_BYTES", Sink.GATHER_BYTES)
+    monkeypatch.setattr(writer.os, "fdatasync", lambda fd: synced.append(os.fstat(fd).st_size))
+    out = EventWriter(tmp_path / "out.part", "jsonl", False)
+    for line in big_lines(3):
+        out.write_events([line])
+    out.mark()  # waits for the writer's thread
+    # Each sync came after a flush (what it synced was in the file already), and before finish() only the
+    # newline after the last line is left to sync.
+    assert len(synced) == 3 and synced == sorted(synced) and out.size - synced[-1] == 1
+    out.finish()
+    content = (tmp_path / "out.part").read_bytes()
+    assert content == as_jsonl(big_lines(3)) and out.sha256() == hashlib.sha256(content).hexdigest()
+
+
+def test_a_failed_sync_fails_the_file(tmp_path, monkeypatch):
+    def broken(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(Sink, "SYNC_BYTES", Sink.GATHER_BYTES)
+    monkeypatch.setattr(writer.os, "fdatasync", broken)
+    out = EventWriter(tmp_path / "out.part", "jsonl", False)
+    with pytest.raises(OSError, match="Input/output error"):
+        for line in big_lines(3):
+            out.write_events([line])
+        out.finish()
