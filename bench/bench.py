@@ -156,7 +156,7 @@ def with_bytecode_cache(env: dict) -> None:
     """Python as users run it: modules compiled once and cached, not compiled again by every run.
 
     Some environments (containers, CI images) set PYTHONDONTWRITEBYTECODE, which makes every run compile the
-    project's modules anew (about 60 ms here). The cache goes to bench/work/pycache, and is filled before the first
+    project's modules anew (about 0.1 s here). The cache goes to bench/work/pycache, and is filled before the first
     round, so that no round pays for it.
     """
     env.pop("PYTHONDONTWRITEBYTECODE", None)
