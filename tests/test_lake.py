@@ -64,10 +64,10 @@ def lake_lines(cli) -> list[dict]:
 # The schema: every event rebuilt from its row.
 
 
-def standin_lines(count=2000, seed=7):
+def standin_lines(count=2000, seed=7, complete=False):
     rng = random.Random(seed)
     start = hour("20251101T00")
-    return [make_event(start, index % 2, index, rng) for index in range(count)]
+    return [make_event(start, index % 2, index, rng, complete=complete) for index in range(count)]
 
 
 ODD_LINES = [
@@ -85,11 +85,22 @@ ODD_LINES = [
 
 def test_every_event_of_the_archives_rebuilds_from_its_row():
     converter = lake_worker.Converter()
-    for lines in (standin_lines(), ODD_LINES, standin_lines(300, seed=3) + ODD_LINES):
+    # The benchmark's events (complete) carry all seven timestamps and the location as well.
+    for lines in (standin_lines(), standin_lines(500, seed=11, complete=True), ODD_LINES,
+                  standin_lines(300, seed=3) + ODD_LINES):
         batch = lake_schema.with_hours(converter.events(lines), [(hour("20251101T00"), len(lines))])
         assert batch.schema == lake_schema.SCHEMA
         rebuilt = [lake_schema.rebuild_event(row) for row in batch.to_pylist()]
         assert rebuilt == [json.loads(line) for line in lines]
+
+
+def test_the_benchmarks_events_fill_their_typed_columns():
+    lines = standin_lines(200, seed=11, complete=True)
+    rows = lake_worker.Converter().events(lines).to_pylist()
+    assert all(row[lake_schema.OTHER_FIELDS] is None for row in rows)  # nothing misfit, nothing unknown
+    for key in (*lake_schema.TIMESTAMPS, "location_lat", "location_lng"):
+        values = [row[lake_schema.column_of(key)] for row in rows]
+        assert None not in values and len(set(values)) > 100, key
 
 
 def test_a_row_names_the_same_absent_keys_whether_or_not_its_batch_agrees():
