@@ -1,6 +1,6 @@
 """The unzip stage: an Export API archive in, checked event lines and their event types out.
 
-Members are read in hour order, each decompressed as a stream on isal's own thread; lines come in batches of
+Members are read in hour order, each decompressed as a stream by ISA-L on the reading thread; lines come in batches of
 about a megabyte, a line costing about its own length however long it is; every line is checked to be one JSON
 object in UTF-8, and its event type read for the counts. What the archive readers raise means a damaged archive
 (download it again); a line that is not an event fails its window (downloading again would not help).
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import msgspec
 import simdjson
-from isal import igzip, igzip_threaded
+from isal import igzip
 
 from errors import first_text_line
 from logging_config import printable
@@ -31,10 +31,6 @@ log = logging.getLogger("fetch_data")
 
 CHUNK_BYTES = 1 << 20
 MIN_READ_BYTES = 64 << 10
-# Compressed bytes isal's thread reads at a time; each decompresses to several times that, and two wait in its
-# queue, so the default 1 MiB cost about 15 MB of a highly compressed member.
-DECOMPRESS_BLOCK_BYTES = 256 << 10
-THREADED_MEMBER_BYTES = 1 << 20  # compressed members smaller than this are decompressed on the reading thread
 MAX_BATCH_LINES = 20_000
 MAX_FAST_FAILURES = 16  # odd lines in a batch before the rest of it is checked line by line
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -90,7 +86,7 @@ def unzip(zip_path: Path, span: Window, max_event_bytes: int):
             for name in members_outside(members, span):
                 log.warning("%s: archive member %s is named for an hour outside the window; exporting it", span, name)
             for member in members:
-                with archive.open(member) as raw, open_member(raw, member.compress_size) as events:
+                with archive.open(member) as raw, open_member(raw) as events:
                     yield from read_lines(events, member.filename, max_event_bytes)
     except (BadEvent, CorruptArchive):
         raise
@@ -98,15 +94,15 @@ def unzip(zip_path: Path, span: Window, max_event_bytes: int):
         raise CorruptArchive(f"{type(exc).__name__}: {first_text_line(exc)}") from None
 
 
-def open_member(raw, size: int):
-    """A gzip member is decompressed on isal's own thread, or, when small, on this one (a thread a member would
-    cost more than it saves, and an archive of many tiny members would start thousands); a member of plain JSON
-    lines is read as it is."""
+def open_member(raw):
+    """A gzip member is decompressed as it is read; a member of plain JSON lines is read as it is.
+
+    Decompression stays on the reading thread: on isal's own thread it had to take the interpreter lock back from
+    the thread checking lines for every block it handed over, and a 250 MB day took a third longer that way.
+    """
     if raw.peek(2)[:2] != GZIP_MAGIC:
         return contextlib.nullcontext(raw)
-    if size < THREADED_MEMBER_BYTES:
-        return igzip.IGzipFile(fileobj=raw, mode="rb")
-    return igzip_threaded.open(raw, "rb", threads=1, block_size=DECOMPRESS_BLOCK_BYTES)
+    return igzip.IGzipFile(fileobj=raw, mode="rb")
 
 
 def read_lines(stream, member: str, max_event_bytes: int):
