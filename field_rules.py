@@ -122,8 +122,11 @@ class Pseudonymiser:
     def __init__(self, rules: FieldRules):
         self.rules = rules
         self._plan = plan_of([(split_path(p), p) for p in rules.dropped], [(split_path(p), p) for p in rules.hashed])
-        # The standard library's HMAC, keyed once: each value costs a copy, an update and a digest, all in C.
-        self._hmac = hmac.new(rules.key, digestmod=hashlib.sha256)
+        # The standard library's HMAC, keyed once. hmac.HMAC keeps its OpenSSL object as _hmac: copying that one
+        # makes a value cost a copy, an update and a digest in C, without the three Python methods hmac.HMAC wraps
+        # around them (a million distinct IDs would pay those a million times). A Python without OpenSSL has none.
+        keyed = hmac.new(rules.key, digestmod=hashlib.sha256)
+        self._hmac = getattr(keyed, "_hmac", None) or keyed
         # One memory per field name, so that IDs seen once (device IDs of one-time visitors) do not push out the
         # users who come back all day.
         self._pseudonyms: dict[str, dict[bytes, msgspec.Raw]] = collections.defaultdict(dict)

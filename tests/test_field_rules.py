@@ -102,6 +102,20 @@ def test_a_value_gets_the_same_pseudonym_in_every_event_and_every_run():
     assert json.loads(other_key.apply(lines[:1])[0])["user_id"] != first[0]
 
 
+def test_pseudonyms_are_the_same_whichever_hmac_the_standard_library_keys(monkeypatch):
+    """The OpenSSL object inside hmac.HMAC, or hmac's own HMAC where there is none: the same pseudonyms."""
+    lines = [b'{"user_id":"u-1","device_id":"d\\u00e9"}', b'{"user_id":{"k": [1, 2]},"device_id":7}']
+    with_openssl = rules((), ["user_id", "device_id"])
+    assert type(with_openssl._hmac).__module__ == "_hashlib"
+    monkeypatch.setattr(field_rules.hashlib, "sha256", lambda *data: hashlib.new("sha256", *data))
+    without = rules((), ["user_id", "device_id"])  # hmac.new given a Python function keeps no OpenSSL object
+    assert isinstance(without._hmac, hmac.HMAC)
+    assert with_openssl.apply(lines) == without.apply(lines) == [
+        b'{"user_id":"%b","device_id":"%b"}' % (pseudonym("u-1").encode(), pseudonym("dé").encode()),
+        b'{"user_id":"%b","device_id":"%b"}' % (pseudonym('{"k":[1,2]}').encode(), pseudonym("7").encode()),
+    ]
+
+
 def test_nested_hash_and_a_field_name_written_with_escapes():
     line = b'{"ip\\u005faddress":"10.1.2.3","event_properties":{"phone":"+49 30 1234"},"keep":"\\"q\\""}'
     out = rules(["ip_address"], ["event_properties.phone"]).apply([line])[0]
