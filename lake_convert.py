@@ -57,9 +57,9 @@ def cpu_quota(cgroup: Path) -> float | None:
         return None
 
 
-def workers_for(path: Path, workers: int, chunk_bytes: int | None = None) -> int:
+def workers_for(path: Path, workers: int, chunk_bytes: int = CHUNK_BYTES) -> int:
     """The processes that convert the file: 1 (this one) for a file of one chunk."""
-    return 1 if path.stat().st_size <= (chunk_bytes or CHUNK_BYTES) else max(1, workers)
+    return 1 if path.stat().st_size <= chunk_bytes else max(1, workers)
 
 
 class Workers:
@@ -71,9 +71,9 @@ class Workers:
     processes: the next file starts new ones.
     """
 
-    def __init__(self, count: int, chunk_bytes: int | None = None):
+    def __init__(self, count: int, chunk_bytes: int = CHUNK_BYTES):
         self.count = count
-        self.chunk_bytes = chunk_bytes or CHUNK_BYTES
+        self.chunk_bytes = chunk_bytes
         self.processes: list[subprocess.Popen] = []
         self.used = 0  # the processes that converted the last file
 
