@@ -25,7 +25,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from errors import ExportError, UsageError
-from lake_convert import Workers, worker_count
+from lake_convert import Workers
+from processes import worker_count
 from store import (
     DECODE_LAKE,
     MANIFEST_NAME,

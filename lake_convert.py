@@ -15,46 +15,19 @@ import json
 import logging
 import os
 import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
+from processes import end_processes, first_error, start_process
+
 CHUNK_BYTES = 2 << 20  # a few thousand events: a worker then holds about 100 MB, Python and pyarrow included
-MAX_WORKERS = 2  # see worker_count
 WORKER = Path(__file__).resolve().with_name("lake_worker.py")
-CGROUP = Path("/sys/fs/cgroup")
+WORKER_NAME = "a conversion worker"
 
 log = logging.getLogger("fetch_data")
 
 
 class ConversionFailed(Exception):
     """A worker could not convert its part of the file (it was changed, or the worker was killed)."""
-
-
-def worker_count(cgroup: Path = CGROUP) -> int:
-    """One worker a core this process may use, up to MAX_WORKERS; one means the parent converts alone.
-
-    The cores it may run on, less any CPU quota of its control group (a container or a Kubernetes pod limited to one
-    CPU sees every core of its host, and two workers would then only share that one CPU, with 100 MB more each).
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    quota = cpu_quota(cgroup)
-    if quota is not None:
-        cores = min(cores, int(quota))
-    return max(1, min(MAX_WORKERS, cores))
-
-
-def cpu_quota(cgroup: Path) -> float | None:
-    """The CPUs the control group may use (cgroup v2's cpu.max, or v1's CFS quota), None when unlimited or unknown."""
-    try:
-        if (cgroup / "cpu.max").exists():
-            quota, period = (cgroup / "cpu.max").read_text().split()[:2]
-        else:
-            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()
-            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
-        return None if quota in ("max", "-1") else int(quota) / int(period)
-    except (OSError, ValueError, ZeroDivisionError):
-        return None
 
 
 def workers_for(path: Path, workers: int, chunk_bytes: int = CHUNK_BYTES) -> int:
@@ -118,32 +91,19 @@ class Workers:
             whole = True
         except OSError:  # a worker gone before it read the path
             gone = next((process for process in self.processes if process.poll() is not None), self.processes[0])
-            raise ConversionFailed(first_error(gone)) from None
+            raise ConversionFailed(first_error(gone, WORKER_NAME)) from None
         finally:
             if not whole:
                 self.close()
 
     def close(self) -> None:
         """End the processes, at once: between files they hold nothing (and one still starting need not finish)."""
-        for process in self.processes:
-            with contextlib.suppress(OSError):
-                process.kill()
-        for process in self.processes:
-            process.wait()
-            for stream in (process.stdin, process.stdout, process.errors):
-                with contextlib.suppress(OSError):
-                    stream.close()
+        end_processes(self.processes)
         self.processes = []
 
 
 def start_worker(number: int, count: int) -> subprocess.Popen:
-    # Standard error goes to a file (unlinked at once): a pipe nobody reads could fill and stop the worker.
-    errors = tempfile.TemporaryFile()  # noqa: SIM115 - closed by Workers.close
-    # A session of its own: Ctrl-C in a terminal reaches the exporter, which ends its workers itself.
-    process = subprocess.Popen([sys.executable, str(WORKER), str(number), str(count)], stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, stderr=errors, start_new_session=True)
-    process.errors = errors
-    return process
+    return start_process(WORKER, str(number), str(count))
 
 
 def reader_of(process: subprocess.Popen):
@@ -152,7 +112,7 @@ def reader_of(process: subprocess.Popen):
     try:
         return pa.ipc.open_stream(process.stdout)
     except (OSError, pa.ArrowException):  # it ended before its first word: its own message says why
-        raise ConversionFailed(first_error(process)) from None
+        raise ConversionFailed(first_error(process, WORKER_NAME)) from None
 
 
 def next_batch(reader, process: subprocess.Popen):
@@ -165,22 +125,9 @@ def next_batch(reader, process: subprocess.Popen):
     try:
         batch, metadata = reader.read_next_batch_with_custom_metadata()
     except (StopIteration, OSError, pa.ArrowException):  # the stream broke off before its end: the worker failed
-        raise ConversionFailed(first_error(process)) from None
+        raise ConversionFailed(first_error(process, WORKER_NAME)) from None
     if END in metadata:
         with contextlib.suppress(StopIteration):
             reader.read_next_batch()  # the stream's own end, so that the next file's stream starts clean
         return None
     return batch, int(metadata[MISFITS])
-
-
-def first_error(process: subprocess.Popen) -> str:
-    """The last line the worker wrote on standard error, once it has ended (a worker whose stream broke off is
-    ending: it is given a few seconds to say why)."""
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-    process.errors.seek(0)
-    lines = process.errors.read().decode("utf-8", "replace").strip().splitlines()
-    return lines[-1] if lines else f"a conversion worker ended with code {process.returncode}"

@@ -18,6 +18,7 @@ from deltalake import DeltaTable
 import lake
 import lake_schema
 import lake_worker
+import processes
 from amplitude_standin import make_event, member_name
 from errors import UsageError
 from settings import parse_settings
@@ -366,7 +367,7 @@ def test_kill_9_at_any_moment_leaves_a_readable_table_and_the_next_run_completes
     for moment in moments:
         process = cli.start(*args)
         wait_for(lambda process=process, moment=moment: moment() or process.poll() is not None)
-        assert process.poll() is not None or lake.worker_count() == 1 or conversion_workers(cli)  # they run
+        assert process.poll() is not None or processes.worker_count() == 1 or conversion_workers(cli)  # they run
         process.send_signal(signal.SIGKILL)
         process.wait()
         wait_for(lambda: not conversion_workers(cli))  # the workers see their pipes close and end too
@@ -375,7 +376,7 @@ def test_kill_9_at_any_moment_leaves_a_readable_table_and_the_next_run_completes
             assert len({row["uuid"] for row in rows}) == len(rows)  # every hour at most once
     result = cli.run(*args)
     assert result.returncode == 0, result.stderr
-    assert "converted by 2 process(es)" in result.stderr or lake.worker_count() == 1
+    assert "converted by 2 process(es)" in result.stderr or processes.worker_count() == 1
     assert not conversion_workers(cli)  # a run that ends ends its workers
     rows = table_rows(table)
     assert canonical(map(lake_schema.rebuild_event, rows)) == canonical(exported_events(cli))
@@ -567,9 +568,7 @@ print(table.version, "pyarrow.compute" in sys.modules)
 
 
 def test_an_exporter_whose_workers_convert_never_loads_arrows_compute_functions(tmp_path):
-    import lake_convert
-
-    if lake_convert.worker_count() == 1:
+    if processes.worker_count() == 1:
         pytest.skip("one core: the exporter converts, with Arrow's compute functions")
     lines = standin_lines(600)
     (tmp_path / "f.jsonl").write_bytes(b"\n".join(lines) + b"\n")
@@ -704,8 +703,7 @@ def test_a_file_of_many_chunks_is_converted_by_worker_processes_live_and_from_th
     assert result.returncode == 0, result.stderr
     (output,) = cli.outputs()
     assert output.stat().st_size > lake_convert.CHUNK_BYTES
-    processes = lake_convert.worker_count()
-    assert f"converted by {processes} process(es)" in result.stderr
+    assert f"converted by {processes.worker_count()} process(es)" in result.stderr
     events = exported_events(cli)
     assert len(events) == 4800
     assert canonical(map(lake_schema.rebuild_event, table_rows(cli.workdir / "lake"))) == canonical(events)
@@ -713,7 +711,7 @@ def test_a_file_of_many_chunks_is_converted_by_worker_processes_live_and_from_th
 
     shutil.rmtree(cli.workdir / "lake")
     result = cli.run(*DAY, "--lake", "lake")
-    assert result.returncode == 0 and f"converted by {processes} process(es)" in result.stderr
+    assert result.returncode == 0 and f"converted by {processes.worker_count()} process(es)" in result.stderr
     rows = table_rows(cli.workdir / "lake")
     assert canonical(map(lake_schema.rebuild_event, rows)) == canonical(events)
     per_hour = {}

@@ -13,6 +13,7 @@ import pytest
 import lake_convert
 import lake_schema
 import lake_worker
+import processes
 from tests.conftest import hour
 from tests.test_lake import ODD_LINES, standin_lines
 
@@ -262,9 +263,9 @@ def test_a_cpu_quota_of_the_control_group_caps_the_workers(tmp_path, files, quot
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
-    assert lake_convert.cpu_quota(tmp_path) == quota
+    assert processes.cpu_quota(tmp_path) == quota
     cores = len(os.sched_getaffinity(0))
-    expected = max(1, min(lake_convert.MAX_WORKERS, cores, int(quota) if quota is not None else cores))
-    assert lake_convert.worker_count(tmp_path) == expected
+    expected = max(1, min(processes.MAX_WORKERS, cores, int(quota) if quota is not None else cores))
+    assert processes.worker_count(tmp_path) == expected
     if quota is not None and quota < 2:
-        assert lake_convert.worker_count(tmp_path) == 1  # one CPU's worth: the exporter converts alone
+        assert processes.worker_count(tmp_path) == 1  # one CPU's worth: the exporter converts alone
