@@ -17,7 +17,6 @@ import logging
 import re
 import struct
 import zipfile
-from pathlib import Path
 
 import msgspec
 import simdjson
@@ -58,6 +57,7 @@ class BadEvent(Exception):
 
     def __init__(self, member: str, number: int, reason: str, sample: bytes = b"", length: int | None = None):
         super().__init__(f"{printable(member)} line {number}: {reason}")
+        self.member, self.number, self.reason = member, number, reason
         self.sample = sample
         self.length = length
 
@@ -70,28 +70,35 @@ class BadEvent(Exception):
         return f"{self} ({self.length} bytes)" if self.length is not None else str(self)
 
 
-def unzip(zip_path: Path, span: Window, max_event_bytes: int):
-    """Yield (member, first line number, lines) in hour order, decompressing each member as a stream.
-
-    Whatever zipfile, gzip or the decompressor raise (bad CRC, encryption, an unknown compression method, a name
-    that cannot be decoded, ...) means the archive is damaged: the caller undoes it and downloads it again.
-    """
+@contextlib.contextmanager
+def damage_is_corrupt():
+    """Whatever zipfile, gzip or the decompressor raise (bad CRC, encryption, an unknown compression method, a name
+    that cannot be decoded, ...) means the archive is damaged: the caller undoes it and downloads it again."""
     try:
-        with zipfile.ZipFile(zip_path) as archive:
-            archive.NameToInfo = {}  # members are opened by their ZipInfo: a second index of 100,000 names is waste
-            ensure_apart(archive)
-            members, skipped = sort_members(archive.infolist())
-            for name in skipped:
-                log.warning("%s: skipping archive member %s, not a data file (.json or .json.gz)", span, name)
-            for name in members_outside(members, span):
-                log.warning("%s: archive member %s is named for an hour outside the window; exporting it", span, name)
-            for member in members:
-                with archive.open(member) as raw, open_member(raw) as events:
-                    yield from read_lines(events, member.filename, max_event_bytes)
+        yield
     except (BadEvent, CorruptArchive):
         raise
     except Exception as exc:
         raise CorruptArchive(f"{type(exc).__name__}: {first_text_line(exc)}") from None
+
+
+def members_in_order(archive: zipfile.ZipFile, span: Window) -> list[zipfile.ZipInfo]:
+    """The archive's data members in hour order, once it is checked; the others, and hours outside the window, warned
+    of."""
+    archive.NameToInfo = {}  # members are opened by their ZipInfo: a second index of 100,000 names is waste
+    ensure_apart(archive)
+    members, skipped = sort_members(archive.infolist())
+    for name in skipped:
+        log.warning("%s: skipping archive member %s, not a data file (.json or .json.gz)", span, name)
+    for name in members_outside(members, span):
+        log.warning("%s: archive member %s is named for an hour outside the window; exporting it", span, name)
+    return members
+
+
+def read_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo, max_event_bytes: int):
+    """(member, first line number, lines) of one member, decompressed as it is read."""
+    with archive.open(member) as raw, open_member(raw) as events:
+        yield from read_lines(events, member.filename, max_event_bytes)
 
 
 def open_member(raw):

@@ -35,7 +35,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 PROJECT_MODULES = ("errors", "windows", "settings", "export_api", "archive", "writer", "store", "logging_config", "progress",
                    "report", "summary", "monitor", "urls", "field_rules", "azure_upload", "lake", "lake_schema", "lake_convert",
-                   "lake_worker", "spans")
+                   "lake_worker", "spans", "processes", "member_workers")
 
 
 def explain_missing_import(missing: ImportError) -> str:
@@ -61,15 +61,14 @@ if sys.version_info < (3, 11):  # noqa: UP036 - the check is for interpreters ol
     )
     raise SystemExit(2)
 try:
-    import simdjson
-
     import report
     import store
-    from archive import BadEvent, CorruptArchive, check_events, member_hour, unzip
+    from archive import BadEvent, CorruptArchive, member_hour
     from errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ExportError, UsageError
     from export_api import Retryable, TooLarge, fetch, halves_of_too_large, open_session
     from lake import open_lake
     from logging_config import printable, setup_logging
+    from member_workers import ArchiveReader, MemberWorkers
     from monitor import Watch
     from progress import progress_bar
     from settings import Settings, load_environment, parse_settings
@@ -287,12 +286,13 @@ def export_windows(windows: list[Window], settings: Settings, save) -> tuple[lis
     pending: deque = deque()
     queue = iter(windows)
     spans = Spans(settings.workers, len(windows), settings) if settings.workers > 1 else None
+    members = MemberWorkers.for_run(settings.field_rules)
     with progress_bar(len(windows), shown=not settings.quiet) as progress, ThreadPoolExecutor(
         settings.workers, thread_name_prefix="window", initializer=leave_signals_to_main_thread
     ) as pool:
         try:
             for window in itertools.islice(queue, 2 * settings.workers):
-                pending.append((window, pool.submit(export_window, window, settings, spans)))
+                pending.append((window, pool.submit(export_window, window, settings, spans, members)))
             while pending:
                 window, future = pending[0]
                 try:
@@ -307,32 +307,36 @@ def export_windows(windows: list[Window], settings: Settings, save) -> tuple[lis
                 pending.popleft()
                 following = next(queue, None)
                 if following:
-                    pending.append((following, pool.submit(export_window, following, settings, spans)))
+                    pending.append((following, pool.submit(export_window, following, settings, spans, members)))
         finally:
             for _, future in pending:
                 future.cancel()
             pool.shutdown(wait=True)
             if spans:
                 spans.close()
+            if members:
+                members.close()
             for _, future in pending:
                 discard_unsaved(future)
     return saved, failures
 
 
-def export_window(window: Window, settings: Settings, spans: Spans | None = None) -> Finished:
-    """One window into one temporary file, splitting requests Amplitude finds too large; `spans` fetch it in parts."""
+def export_window(window: Window, settings: Settings, spans: Spans | None = None,
+                  members: MemberWorkers | None = None) -> Finished:
+    """One window into one temporary file, splitting requests Amplitude finds too large; `spans` fetch it in parts,
+    `members` read its archives under field rules."""
     began = time.monotonic()
     writer = None
     try:
         writer = EventWriter(store.temp_path_for(settings.data_dir, window, settings.extension), settings.file_format,
                              settings.gzip)
-        parser = simdjson.Parser()
+        reader = ArchiveReader(settings.field_rules, settings.max_event_bytes, members)
         if spans:
-            spans.export(window, lambda zip_path, span: write_to_local(zip_path, writer, settings, parser, span),
-                         lambda span, session: export_span(span, writer, session, settings, parser))
+            spans.export(window, lambda zip_path, span: write_to_local(zip_path, writer, settings, reader, span),
+                         lambda span, session: export_span(span, writer, session, settings, reader))
         else:
             with open_session(settings.api) as session:
-                export_span(window, writer, session, settings, parser)
+                export_span(window, writer, session, settings, reader)
         writer.finish()
     except BaseException as exc:
         if writer:
@@ -344,23 +348,23 @@ def export_window(window: Window, settings: Settings, spans: Spans | None = None
                     writer.tally.by_hour(window), dict(writer.tally.types), writer.tally.runs_out_of_order())
 
 
-def export_span(span: Window, writer: EventWriter, session, settings: Settings, parser) -> None:
+def export_span(span: Window, writer: EventWriter, session, settings: Settings, reader: ArchiveReader) -> None:
     """A span's events into `writer`; a span Amplitude finds too large is split in halves, each fetched in turn."""
     try:
-        fetch(span, session, settings.api, lambda zip_path: write_to_local(zip_path, writer, settings, parser, span),
+        fetch(span, session, settings.api, lambda zip_path: write_to_local(zip_path, writer, settings, reader, span),
               settings.data_dir)
     except TooLarge as exc:
         for half in halves_of_too_large(span, exc):
-            export_span(half, writer, session, settings, parser)
+            export_span(half, writer, session, settings, reader)
 
 
-def write_to_local(zip_path: Path, writer: EventWriter, settings: Settings, parser, span: Window) -> None:
+def write_to_local(zip_path: Path, writer: EventWriter, settings: Settings, reader: ArchiveReader,
+                   span: Window) -> None:
     """The archive's events into `writer`; a damaged archive is undone and retried, a bad event fails the window."""
     mark = writer.mark()
     try:
-        for member, first_line_number, lines in unzip(zip_path, span, settings.max_event_bytes):
-            events, types = check_events(lines, member, first_line_number, parser)
-            writer.write_events(settings.field_rules.apply(events) if settings.field_rules else events)
+        for member, events, types in reader.batches(zip_path, span):
+            writer.write_events(events)
             writer.tally.add(member_hour(member), types)
     except BadEvent as exc:  # the archive passed its CRC check: downloading it again would not help
         # Under field rules the line's content could be the very data the rules keep out of files and logs.

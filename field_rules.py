@@ -138,6 +138,15 @@ class Pseudonymiser:
         """The paths no event carried, once events went through: a typo there keeps personal data."""
         return sorted(self._unmatched) if self.events else []
 
+    def carried(self) -> set[str]:
+        """The paths some event carried so far."""
+        return set(self.rules.dropped + self.rules.hashed) - self._unmatched
+
+    def count(self, events: int, carried: set[str]) -> None:
+        """Events a worker process applied the rules to, and the paths they carried."""
+        self.events += events
+        self._unmatched -= carried
+
     def apply(self, lines: list[bytes]) -> list[bytes]:
         """Each event with the rules applied, or the very same bytes when it carries none of the fields.
 

@@ -14,6 +14,7 @@ import fetch_data as fd
 import report
 from errors import ExportError, UsageError
 from export_api import Answer, Retryable, classify, describe_failure, download, fetch
+from member_workers import ArchiveReader
 from settings import EXPORT_PATH, OPTIONS, Environment, build_parser, parse_settings
 from store import hold_lock, read_own_file
 from tests.conftest import ROOT
@@ -176,10 +177,10 @@ def messages_the_program_prints(tmp_path, monkeypatch, caplog) -> list[str]:
         url = settings.api.base_url + EXPORT_PATH
         mocked.get(url, status=502)
         mocked.get(url, status=400, body="The file size of the exported data is too large.")
-        consume = functools.partial(fd.write_to_local, writer=writer, settings=settings, parser=simdjson.Parser(),
-                                    span=hour)
+        reader = ArchiveReader(settings.field_rules, settings.max_event_bytes)
+        consume = functools.partial(fd.write_to_local, writer=writer, settings=settings, reader=reader, span=hour)
         messages.append(failure(fetch, hour, session, settings.api, consume, tmp_path, lambda _: None))
-        messages.append(failure(fd.export_span, hour, writer, session, settings, simdjson.Parser()))
+        messages.append(failure(fd.export_span, hour, writer, session, settings, reader))
     writer.discard()
     for error, base_url in (
         (requests.ConnectionError(socket.gaierror(-2, "Name or service not known")), "https://no-such-host.invalid"),

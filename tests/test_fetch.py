@@ -16,6 +16,7 @@ import fetch_data as fd
 from amplitude_standin import build_archive, member_name
 from errors import ExportError
 from export_api import CONNECT_TIMEOUT, TooLarge, fetch
+from member_workers import ArchiveReader
 from settings import parse_settings
 from tests.conftest import as_array, hour
 from windows import Window
@@ -49,8 +50,8 @@ def session():
 
 def fetch_into(writer, span, session, settings, sleep):
     """The fetch stage as the pipeline wires it: each downloaded archive written by write_to_local."""
-    parser = simdjson.Parser()
-    fetch(span, session, settings.api, lambda zip_path: fd.write_to_local(zip_path, writer, settings, parser, span),
+    reader = ArchiveReader(settings.field_rules, settings.max_event_bytes)
+    fetch(span, session, settings.api, lambda zip_path: fd.write_to_local(zip_path, writer, settings, reader, span),
           settings.data_dir, sleep=sleep)
 
 

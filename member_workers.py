@@ -1,0 +1,233 @@
+"""An archive's members as checked event lines, read on the window's thread or, under field rules, on workers.
+
+Field rules cost a Python loop over every event (decode it, hash its IDs, write it back), which takes a day of events
+seconds on one core, on top of reading and checking it. With two cores, the members are shared out: of the members in
+hour order, worker k reads members k, k+N, ... from the downloaded zip itself, checks their lines, applies the rules,
+and answers with batches of lines and their event types. The exporter takes each member's batches in hour order and
+writes them: the file is the same, byte for byte, as when it does all the work on its own thread. A thread per worker
+reads its answers ahead, AHEAD batches at most, so memory stays flat whatever the size of the archive.
+
+Run as `python member_workers.py` (MemberWorkers does that): the rules come first on standard input, so the hash key
+never appears in a command line or an environment, then one archive a line, `[path, [member indices], max bytes]`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import pickle
+import queue
+import struct
+import sys
+import threading
+import zipfile
+from pathlib import Path
+
+import simdjson
+
+from archive import BadEvent, CorruptArchive, check_events, damage_is_corrupt, members_in_order, read_member
+from errors import ExportError
+from field_rules import FieldRules, Pseudonymiser
+from processes import end_processes, first_error, start_process, worker_count
+from windows import Window
+
+WORKER = Path(__file__).resolve()
+WORKER_NAME = "a field rules worker"
+AHEAD = 4  # batches (of about a megabyte) a worker's answers may run ahead of the writing
+FRAME = struct.Struct("<cQ")  # kind, then the length of the pickled payload
+LINES, MEMBER_END, BAD_EVENT, DAMAGED, GONE = b"L", b"E", b"B", b"D", b"G"
+
+log = logging.getLogger("fetch_data")
+
+
+class WorkerFailed(ExportError):
+    """A worker ended without finishing (killed, or out of memory): the window fails, the next run exports it."""
+
+
+class ArchiveReader:
+    """How one window's archives become checked event lines, with the field rules applied: one per window thread."""
+
+    def __init__(self, rules: Pseudonymiser | None, max_event_bytes: int, workers: MemberWorkers | None = None):
+        self.parser = simdjson.Parser()
+        self.rules = rules
+        self.max_event_bytes = max_event_bytes
+        self.workers = workers
+
+    def batches(self, zip_path: Path, span: Window):
+        """(member name, event lines, their event types) in hour order; BadEvent for a line that is not an event,
+        CorruptArchive for a damaged archive (see damage_is_corrupt)."""
+        with damage_is_corrupt(), zipfile.ZipFile(zip_path) as archive:
+            members = members_in_order(archive, span)
+            workers = self.workers
+            if workers is None or len(members) < 2 or not workers.take():  # another window has them: read here
+                for member in members:
+                    for name, first_line_number, lines in read_member(archive, member, self.max_event_bytes):
+                        events, types = check_events(lines, name, first_line_number, self.parser)
+                        yield name, self.rules.apply(events) if self.rules else events, types
+                return
+            index = {id(info): number for number, info in enumerate(archive.infolist())}
+        try:  # the workers open the archive themselves
+            for position, events, types in workers.batches(zip_path, [index[id(member)] for member in members],
+                                                           self.max_event_bytes):
+                yield members[position].filename, events, types
+        finally:
+            workers.give_back()
+
+
+class MemberWorkers:
+    """The run's worker processes for the field rules, started once, serving one archive at a time.
+
+    An archive not read to its end (a failure, or a reader that stopped) costs the processes: the next archive starts
+    new ones. A window that finds them busy with another window's archive reads its own on its thread.
+    """
+
+    def __init__(self, rules: Pseudonymiser, count: int):
+        self.rules = rules
+        self.count = count
+        self.processes: list = []
+        self.answers: list[queue.Queue] = []
+        self.readers: list[threading.Thread] = []
+        self._in_use = threading.Lock()
+
+    @classmethod
+    def for_run(cls, rules: Pseudonymiser | None) -> MemberWorkers | None:
+        """Workers when field rules are asked for and the machine has the cores; None otherwise."""
+        count = worker_count() if rules else 1
+        return cls(rules, count) if count > 1 else None
+
+    def take(self) -> bool:
+        """Whether this archive may use the workers (started now if need be); give_back() when done."""
+        if not self._in_use.acquire(blocking=False):
+            return False
+        if not self.processes:
+            try:
+                self.start()
+            except OSError as exc:  # no process to be had (a limit on processes, a missing interpreter)
+                log.warning("Field rules: no worker process could start (%s); the download threads apply them", exc)
+                self.close()
+                self._in_use.release()
+                return False
+        return True
+
+    def give_back(self) -> None:
+        self._in_use.release()
+
+    def start(self) -> None:
+        rules = self.rules.rules
+        first_line = json.dumps({"dropped": rules.dropped, "hashed": rules.hashed,
+                                 "key": rules.key.decode("utf-8")}).encode() + b"\n"
+        for _ in range(self.count):
+            process = start_process(WORKER)
+            self.processes.append(process)
+            answers: queue.Queue = queue.Queue(AHEAD)
+            reader = threading.Thread(target=read_answers, args=(process.stdout, answers), daemon=True,
+                                      name="rules-worker-answers")
+            reader.start()
+            self.answers.append(answers)
+            self.readers.append(reader)
+            process.stdin.write(first_line)
+            process.stdin.flush()
+
+    def batches(self, zip_path: Path, indices: list[int], max_event_bytes: int):
+        """(position in `indices`, event lines, event types) of each member, in that order."""
+        whole = False
+        try:
+            for number, process in enumerate(self.processes):
+                job = json.dumps([str(zip_path), indices[number::self.count], max_event_bytes]).encode() + b"\n"
+                process.stdin.write(job)
+                process.stdin.flush()
+            for position in range(len(indices)):
+                yield from self._member(position)
+            whole = True
+        except OSError:  # a worker gone before it read the archive
+            gone = next((process for process in self.processes if process.poll() is not None), self.processes[0])
+            raise WorkerFailed(f"{WORKER_NAME} failed: {first_error(gone, WORKER_NAME)}") from None
+        finally:
+            if not whole:
+                self.close()
+
+    def _member(self, position: int):
+        number = position % self.count
+        while True:
+            kind, payload = self.answers[number].get()
+            if kind == LINES:
+                yield (position, *pickle.loads(payload))
+            elif kind == MEMBER_END:
+                self.rules.count(*pickle.loads(payload))
+                return
+            elif kind == BAD_EVENT:
+                raise BadEvent(*pickle.loads(payload))
+            elif kind == DAMAGED:
+                raise CorruptArchive(pickle.loads(payload))
+            else:
+                raise WorkerFailed(f"{WORKER_NAME} failed: {first_error(self.processes[number], WORKER_NAME)}")
+
+    def close(self) -> None:
+        """End the processes at once; their answers not taken are dropped, so that their readers end too."""
+        end_processes(self.processes)
+        for reader, answers in zip(self.readers, self.answers, strict=True):
+            while reader.is_alive():  # the reader ends at the pipe's end, once its last answer has room
+                with contextlib.suppress(queue.Empty):
+                    answers.get(timeout=0.1)
+            reader.join()
+        self.processes, self.answers, self.readers = [], [], []
+
+
+def read_answers(stream, answers: queue.Queue) -> None:
+    """A worker's answers, frame by frame, into `answers`; GONE at the end of its output."""
+    try:
+        while len(header := stream.read(FRAME.size)) == FRAME.size:
+            kind, size = FRAME.unpack(header)
+            payload = stream.read(size)
+            if len(payload) < size:
+                break
+            answers.put((kind, payload))
+    except (OSError, ValueError):  # the pipe closed under the reader: the processes were ended
+        pass
+    answers.put((GONE, b""))
+
+
+# The worker's side.
+
+
+def serve() -> None:
+    """Rules from the first line of standard input, then for each archive line its members' answers."""
+    source, out = sys.stdin.buffer, sys.stdout.buffer
+    given = json.loads(source.readline())
+    rules = Pseudonymiser(FieldRules(tuple(given["dropped"]), tuple(given["hashed"]), given["key"].encode("utf-8")))
+    parser = simdjson.Parser()
+    for job in source:
+        path, indices, max_event_bytes = json.loads(job)
+        for kind, value in answers_for(Path(path), indices, max_event_bytes, rules, parser):
+            payload = pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+            out.write(FRAME.pack(kind, len(payload)))
+            out.write(payload)
+            out.flush()
+
+
+def answers_for(path: Path, indices: list[int], max_event_bytes: int, rules: Pseudonymiser, parser):
+    """(kind, value) for the members at `indices` of the archive: their batches, then the end of each member."""
+    try:
+        with damage_is_corrupt(), zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+            for index in indices:
+                events_before = rules.events
+                for name, first_line_number, lines in read_member(archive, infos[index], max_event_bytes):
+                    events, types = check_events(lines, name, first_line_number, parser)
+                    yield LINES, (rules.apply(events), types)
+                yield MEMBER_END, (rules.events - events_before, rules.carried())
+    except BadEvent as exc:  # its content stays here: under field rules a message shows no line
+        yield BAD_EVENT, (exc.member, exc.number, exc.reason, b"", exc.length)
+    except CorruptArchive as exc:
+        yield DAMAGED, str(exc)
+
+
+if __name__ == "__main__":
+    try:
+        serve()
+    except (BrokenPipeError, KeyboardInterrupt):  # the exporter stopped reading: it has what it needs, or failed
+        sys.exit(1)
+    except Exception as exc:  # one line for the exporter's message
+        print(f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,248 @@
+"""Field rules on worker processes: the same lines, types and counts as on the window's own thread, failures named
+the same way, the hash key in no command line or environment, and no process left running."""
+
+import datetime as dt
+import gzip
+import os
+import random
+import signal
+import threading
+import time
+import zipfile
+
+import pytest
+
+import processes
+from amplitude_standin import build_archive, make_event, member_name
+from archive import BadEvent, CorruptArchive
+from field_rules import FieldRules, Pseudonymiser
+from member_workers import ArchiveReader, MemberWorkers, WorkerFailed
+from tests.conftest import hour
+from windows import Window
+
+KEY = "k" * 20 + "-a-secret-of-32+chars"
+MAX_EVENT_BYTES = 4 << 20
+SPAN = Window(hour("20251101T00"), hour("20251101T05"))
+DROPPED, HASHED = ("ip_address", "user_properties.plan", "never_there"), ("user_id", "device_id")
+
+
+def rules() -> Pseudonymiser:
+    return Pseudonymiser(FieldRules(DROPPED, HASHED, KEY.encode()))
+
+
+def odd_lines(rng: random.Random) -> list[bytes]:
+    """Lines the checks and the rules treat each in their own way."""
+    return [
+        b"\xef\xbb\xbf" + make_event(SPAN.start, 0, 1, rng),  # a byte-order mark
+        b"",  # a blank line
+        b"   ",
+        b'{"event_type":"lone \\ud800","user_id":"\\ud83d","device_id":"d\\u00e9","ip_address":"1.2.3.4"}',
+        b'{"event_type":"twice","user_id":"first","user_id":"second","n":123456789012345678901234567890}',
+        b'{"event_type":"spaced" , "user_properties" : {"plan" : "pro", "plan": "free"} , "device_id" : null}',
+        b'{"event_type":"long","user_id":"u","blob":"' + b"x" * (1_200_000) + b'"}',  # longer than a batch
+        b'{"no_type":1,"user_id":7}',
+    ]
+
+
+def write_archive(path, rng: random.Random, bad: bytes | None = None) -> None:
+    """Six hours of two parts each (gzip and plain), an hour outside the window, and a member that is not data."""
+    members = []
+    for number, when in enumerate(SPAN.start + dt_hours(h) for h in range(SPAN.hours)):
+        for part in range(2):
+            lines = [make_event(when, part, index, rng) for index in range(rng.randrange(0, 300))]
+            if number == 2 and part == 1:
+                lines[5:5] = odd_lines(rng)
+            if bad is not None and number == 3 and part == 0:
+                lines[4:4] = [bad]
+            data = b"\n".join(lines) + b"\n"
+            name = member_name(when, part)
+            members.append((name, gzip.compress(data, 1)) if part == 0 else (name.removesuffix(".gz"), data))
+    members.append((member_name(SPAN.end + dt_hours(2), 0), gzip.compress(make_event(SPAN.end, 0, 3, rng) + b"\n")))
+    members.append(("__MACOSX/._notes", b"not data"))
+    rng.shuffle(members)
+    path.write_bytes(build_archive(members))
+
+
+def dt_hours(count: int) -> dt.timedelta:
+    return dt.timedelta(hours=count)
+
+
+def read_all(path, workers=None, pseudonymiser=None):
+    pseudonymiser = pseudonymiser or rules()
+    reader = ArchiveReader(pseudonymiser, MAX_EVENT_BYTES, workers)
+    lines = [(member, line, kind) for member, events, types in reader.batches(path, SPAN)
+             for line, kind in zip(events, types, strict=True)]
+    return lines, pseudonymiser.events, pseudonymiser.unmatched()
+
+
+@pytest.fixture
+def workers():
+    pool = MemberWorkers(rules(), 2)
+    yield pool
+    pool.close()
+
+
+def started_processes(workers: MemberWorkers) -> list:
+    assert workers.take()
+    workers.give_back()
+    return list(workers.processes)
+
+
+def answer_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "rules-worker-answers"]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_workers_give_the_lines_types_and_counts_the_windows_thread_gives(tmp_path, workers, seed):
+    path = tmp_path / "export.zip"
+    write_archive(path, random.Random(seed))
+    here = read_all(path)
+    there = read_all(path, workers, workers.rules)
+    assert len(workers.processes) == 2  # they did the work, and stay for the next archive
+    assert there == here
+    assert here[1] > 1000 and here[2] == ["never_there"]
+    assert any(b"\\ud800" in line for _, line, _ in here[0])  # the odd lines went through
+    # A second archive on the same processes, and the counts add up.
+    again = read_all(path, workers, workers.rules)
+    assert again[0] == here[0] and again[1] == 2 * here[1]
+
+
+def test_a_bad_line_in_a_workers_member_fails_as_it_does_on_the_windows_thread(tmp_path, workers):
+    path = tmp_path / "export.zip"
+    write_archive(path, random.Random(4), bad=b'{"event_type":"secret@example.com" oops}')
+    with pytest.raises(BadEvent) as here:
+        read_all(path)
+    started = started_processes(workers)
+    with pytest.raises(BadEvent) as there:
+        read_all(path, workers, workers.rules)
+    assert str(there.value) == str(here.value) and "line 5" in str(here.value)
+    assert there.value.without_content() == here.value.without_content()
+    assert "secret@example.com" not in there.value.without_content()
+    assert all(process.returncode is not None for process in started)
+    assert workers.processes == [] and not answer_threads()  # ended: the next archive starts new ones
+
+
+def test_a_damaged_member_is_a_damaged_archive_and_the_next_archive_starts_new_workers(tmp_path, workers):
+    good, damaged = tmp_path / "good.zip", tmp_path / "damaged.zip"
+    write_archive(good, random.Random(5))
+    data = bytearray(good.read_bytes())
+    with zipfile.ZipFile(good) as archive:
+        victim = max(archive.infolist(), key=lambda info: info.compress_size)
+    data[victim.header_offset + 30 + len(victim.filename) + victim.compress_size // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(CorruptArchive) as here:
+        read_all(damaged)
+    started = started_processes(workers)
+    with pytest.raises(CorruptArchive) as there:
+        read_all(damaged, workers, workers.rules)
+    assert str(there.value) == str(here.value)
+    assert all(process.returncode is not None for process in started)
+    assert workers.processes == [] and not answer_threads()
+    assert read_all(good, workers, workers.rules)[0] == read_all(good)[0]
+
+
+def test_a_worker_gone_mid_archive_fails_the_window_and_the_next_archive_starts_anew(tmp_path, workers):
+    path = tmp_path / "export.zip"
+    write_archive(path, random.Random(6))
+    assert workers.take()
+    second = workers.processes[1]
+    os.kill(second.pid, signal.SIGSTOP)  # before it has an archive: it can have answered nothing
+    workers.give_back()
+    batches = ArchiveReader(workers.rules, MAX_EVENT_BYTES, workers).batches(path, SPAN)
+    next(batches)  # the first member is the first worker's
+    second.kill()
+    second.wait()
+    with pytest.raises(WorkerFailed, match="a field rules worker failed: a field rules worker ended with code -9"):
+        list(batches)
+    assert workers.processes == [] and not answer_threads()
+    assert read_all(path, workers, workers.rules)[0] == read_all(path)[0]
+
+
+def test_the_hash_key_is_in_no_workers_command_line_or_environment(workers):
+    assert workers.take()
+    try:
+        for process in workers.processes:
+            for part in ("cmdline", "environ"):
+                with open(f"/proc/{process.pid}/{part}", "rb") as seen:
+                    assert KEY.encode() not in seen.read()
+    finally:
+        workers.give_back()
+
+
+def test_a_window_that_finds_the_workers_busy_reads_its_archive_on_its_own_thread(tmp_path, workers):
+    path = tmp_path / "export.zip"
+    write_archive(path, random.Random(7))
+    assert workers.take()  # another window's archive
+    try:
+        started = [process.pid for process in workers.processes]
+        assert read_all(path, workers, workers.rules)[0] == read_all(path)[0]
+        assert [process.pid for process in workers.processes] == started
+    finally:
+        workers.give_back()
+
+
+def test_an_archive_abandoned_half_read_ends_the_workers_and_their_readers(tmp_path, workers):
+    path = tmp_path / "export.zip"
+    write_archive(path, random.Random(8))
+    batches = ArchiveReader(workers.rules, MAX_EVENT_BYTES, workers).batches(path, SPAN)
+    next(batches)
+    processes = list(workers.processes)
+    assert len(processes) == 2 and len(answer_threads()) == 2
+    batches.close()  # a failure further on: the writer's disk filled, a signal
+    assert workers.processes == [] and not answer_threads()
+    assert all(process.returncode is not None for process in processes)
+    assert workers.take()  # free for the next archive
+    workers.give_back()
+
+
+@pytest.mark.skipif(processes.worker_count() < 2, reason="one core: field rules run on the download threads")
+def test_an_exporter_killed_mid_run_leaves_no_worker_running(cli):
+    cli.standin.events_per_part = 50
+    cli.standin.add_fault("stall", start="20251102T00", end="20251102T23", seconds=30)
+    exporter = cli.start("--start", "2025-11-01", "--end", "20251102T23", "--hash-fields", "user_id",
+                         AMP_HASH_KEY=KEY)
+    try:
+        found = wait_for(lambda: workers_of(exporter.pid) if len(workers_of(exporter.pid)) == 2 else None)
+        assert found, "the first day's archive is read by two workers"
+        assert cli.standin.arrived >= 2 or wait_for(lambda: cli.standin.arrived >= 2)  # the run is held on day two
+        exporter.kill()
+        exporter.wait()
+        assert wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") and not zombie(pid) for pid in found))
+    finally:
+        if exporter.poll() is None:
+            exporter.kill()
+            exporter.wait()
+        exporter.stdout.close()
+        exporter.stderr.close()
+
+
+def workers_of(parent: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat, open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                    parent_pid = int(stat.read().rsplit(")", 1)[1].split()[1])
+                    if parent_pid == parent and b"member_workers.py" in cmdline.read():
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def wait_for(condition, seconds: float = 30):
+    """The condition's value once it holds, polled until `seconds` pass; None if it never does."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.02)
+    return None
