@@ -49,7 +49,7 @@ def write_archive(path, rng: random.Random, bad: bytes | None = None) -> None:
     members = []
     for number, when in enumerate(SPAN.start + dt_hours(h) for h in range(SPAN.hours)):
         for part in range(2):
-            lines = [make_event(when, part, index, rng) for index in range(rng.randrange(0, 300))]
+            lines = [make_event(when, part, index, rng) for index in range(rng.randrange(0, 80))]
             if number == 2 and part == 1:
                 lines[5:5] = odd_lines(rng)
             if bad is not None and number == 3 and part == 0:
@@ -92,7 +92,7 @@ def answer_threads() -> list[threading.Thread]:
     return [thread for thread in threading.enumerate() if thread.name == "rules-worker-answers"]
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("seed", [1, pytest.param(2, marks=pytest.mark.slow), pytest.param(3, marks=pytest.mark.slow)])
 def test_workers_give_the_lines_types_and_counts_the_windows_thread_gives(tmp_path, workers, seed):
     path = tmp_path / "export.zip"
     write_archive(path, random.Random(seed))
@@ -100,7 +100,7 @@ def test_workers_give_the_lines_types_and_counts_the_windows_thread_gives(tmp_pa
     there = read_all(path, workers, workers.rules)
     assert len(workers.processes) == 2  # they did the work, and stay for the next archive
     assert there == here
-    assert here[1] > 1000 and here[2] == ["never_there"]
+    assert here[1] > 300 and here[2] == ["never_there"]
     assert any(b"\\ud800" in line for _, line, _ in here[0])  # the odd lines went through
     # A second archive on the same processes, and the counts add up.
     again = read_all(path, workers, workers.rules)
