@@ -5,7 +5,8 @@ seconds on one core, on top of reading and checking it. With two cores, the memb
 hour order, worker k reads members k, k+N, ... from the downloaded zip itself, checks their lines, applies the rules,
 and answers with batches of lines and their event types. The exporter takes each member's batches in hour order and
 writes them: the file is the same, byte for byte, as when it does all the work on its own thread. A thread per worker
-reads its answers ahead, AHEAD batches at most, so memory stays flat whatever the size of the archive.
+reads its answers ahead, AHEAD_BYTES at most (or one answer, however long its line), so memory stays flat whatever
+the archive holds.
 
 Run as `python member_workers.py` (MemberWorkers does that): the rules come first on standard input, so the hash key
 never appears in a command line or an environment, then one archive a line, `[path, [member indices], max bytes]`.
@@ -13,11 +14,10 @@ never appears in a command line or an environment, then one archive a line, `[pa
 
 from __future__ import annotations
 
-import contextlib
+import collections
 import json
 import logging
 import pickle
-import queue
 import struct
 import sys
 import threading
@@ -34,7 +34,7 @@ from windows import Window
 
 WORKER = Path(__file__).resolve()
 WORKER_NAME = "a field rules worker"
-AHEAD = 4  # batches (of about a megabyte) a worker's answers may run ahead of the writing
+AHEAD_BYTES = 4 << 20  # a worker's answers read ahead of the writing: a few batches of about a megabyte
 FRAME = struct.Struct("<cQ")  # kind, then the length of the pickled payload
 LINES, MEMBER_END, BAD_EVENT, DAMAGED, GONE = b"L", b"E", b"B", b"D", b"G"
 
@@ -86,7 +86,7 @@ class MemberWorkers:
         self.rules = rules
         self.count = count
         self.processes: list = []
-        self.answers: list[queue.Queue] = []
+        self.answers: list[Answers] = []
         self.readers: list[threading.Thread] = []
         self._in_use = threading.Lock()
 
@@ -120,7 +120,7 @@ class MemberWorkers:
         for _ in range(self.count):
             process = start_process(WORKER)
             self.processes.append(process)
-            answers: queue.Queue = queue.Queue(AHEAD)
+            answers = Answers()
             reader = threading.Thread(target=read_answers, args=(process.stdout, answers), daemon=True,
                                       name="rules-worker-answers")
             reader.start()
@@ -166,26 +166,63 @@ class MemberWorkers:
     def close(self) -> None:
         """End the processes at once; their answers not taken are dropped, so that their readers end too."""
         end_processes(self.processes)
-        for reader, answers in zip(self.readers, self.answers, strict=True):
-            while reader.is_alive():  # the reader ends at the pipe's end, once its last answer has room
-                with contextlib.suppress(queue.Empty):
-                    answers.get(timeout=0.1)
-            reader.join()
+        for answers in self.answers:
+            answers.close()
+        for reader in self.readers:
+            reader.join()  # at the end of its pipe, now its process is gone
         self.processes, self.answers, self.readers = [], [], []
 
 
-def read_answers(stream, answers: queue.Queue) -> None:
-    """A worker's answers, frame by frame, into `answers`; GONE at the end of its output."""
+class Answers:
+    """A worker's answers read ahead: up to AHEAD_BYTES, or a single answer however long, until closed."""
+
+    def __init__(self):
+        self._items: collections.deque = collections.deque()
+        self._held = 0
+        self._closed = False
+        self._changed = threading.Condition()
+
+    def wait_for_room(self, size: int) -> None:
+        with self._changed:
+            self._changed.wait_for(lambda: self._closed or not self._held or self._held + size <= AHEAD_BYTES)
+
+    def put(self, kind: bytes, payload: bytes) -> None:
+        with self._changed:
+            self._items.append((kind, payload))
+            self._held += len(payload)
+            self._changed.notify_all()
+
+    def get(self) -> tuple[bytes, bytes]:
+        with self._changed:
+            self._changed.wait_for(lambda: self._items)
+            kind, payload = self._items.popleft()
+            self._held -= len(payload)
+            self._changed.notify_all()
+            return kind, payload
+
+    def close(self) -> None:
+        """The answers not taken are dropped, and the reader no longer waits for room."""
+        with self._changed:
+            self._closed = True
+            self._items.clear()
+            self._held = 0
+            self._changed.notify_all()
+
+
+def read_answers(stream, answers: Answers) -> None:
+    """A worker's answers, frame by frame, into `answers`; GONE at the end of its output, whatever ended it."""
     try:
         while len(header := stream.read(FRAME.size)) == FRAME.size:
             kind, size = FRAME.unpack(header)
+            answers.wait_for_room(size)  # before reading it: the worker waits meanwhile, on its full pipe
             payload = stream.read(size)
             if len(payload) < size:
                 break
-            answers.put((kind, payload))
+            answers.put(kind, payload)
     except (OSError, ValueError):  # the pipe closed under the reader: the processes were ended
         pass
-    answers.put((GONE, b""))
+    finally:
+        answers.put(GONE, b"")
 
 
 # The worker's side.

@@ -12,11 +12,12 @@ import zipfile
 
 import pytest
 
+import member_workers
 import processes
 from amplitude_standin import build_archive, make_event, member_name
 from archive import BadEvent, CorruptArchive
 from field_rules import FieldRules, Pseudonymiser
-from member_workers import ArchiveReader, MemberWorkers, WorkerFailed
+from member_workers import LINES, Answers, ArchiveReader, MemberWorkers, WorkerFailed
 from tests.conftest import hour
 from windows import Window
 
@@ -105,6 +106,33 @@ def test_workers_give_the_lines_types_and_counts_the_windows_thread_gives(tmp_pa
     # A second archive on the same processes, and the counts add up.
     again = read_all(path, workers, workers.rules)
     assert again[0] == here[0] and again[1] == 2 * here[1]
+
+
+def test_with_room_for_one_answer_only_the_workers_still_give_every_line(tmp_path, workers, monkeypatch):
+    monkeypatch.setattr(member_workers, "AHEAD_BYTES", 1)
+    path = tmp_path / "export.zip"
+    write_archive(path, random.Random(9))
+    assert read_all(path, workers, workers.rules)[0] == read_all(path)[0]
+
+
+def test_answers_are_read_ahead_up_to_their_budget_or_one_answer_however_long(monkeypatch):
+    monkeypatch.setattr(member_workers, "AHEAD_BYTES", 10)
+    answers = Answers()
+    answers.wait_for_room(100)  # nothing held: an answer of any size is taken
+    answers.put(LINES, b"x" * 100)
+    room = threading.Event()
+    reader = threading.Thread(target=lambda: (answers.wait_for_room(1), room.set()))
+    reader.start()
+    assert not room.wait(0.2)  # over the budget: the reader waits, and its worker with it
+    assert answers.get() == (LINES, b"x" * 100)
+    assert room.wait(10)
+    reader.join()
+    answers.put(LINES, b"y" * 8)
+    closing = threading.Thread(target=answers.wait_for_room, args=(5,))
+    closing.start()
+    answers.close()  # the exporter ends the workers: their readers no longer wait for room
+    closing.join(10)
+    assert not closing.is_alive()
 
 
 def test_a_bad_line_in_a_workers_member_fails_as_it_does_on_the_windows_thread(tmp_path, workers):
