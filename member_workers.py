@@ -35,7 +35,7 @@ from windows import Window
 WORKER = Path(__file__).resolve()
 WORKER_NAME = "a field rules worker"
 AHEAD_BYTES = 4 << 20  # a worker's answers read ahead of the writing: a few batches of about a megabyte
-FRAME = struct.Struct("<cQ")  # kind, then the length of the pickled payload
+FRAME = struct.Struct("<cQQ")  # kind, the length of its pickled value, the length of the lines that follow
 LINES, MEMBER_END, BAD_EVENT, DAMAGED, GONE = b"L", b"E", b"B", b"D", b"G"
 
 log = logging.getLogger("fetch_data")
@@ -150,16 +150,16 @@ class MemberWorkers:
     def _member(self, position: int):
         number = position % self.count
         while True:
-            kind, payload = self.answers[number].get()
+            kind, value = self.answers[number].get()
             if kind == LINES:
-                yield (position, *pickle.loads(payload))
+                yield (position, *value)
             elif kind == MEMBER_END:
-                self.rules.count(*pickle.loads(payload))
+                self.rules.count(*value)
                 return
             elif kind == BAD_EVENT:
-                raise BadEvent(*pickle.loads(payload))
+                raise BadEvent(*value)
             elif kind == DAMAGED:
-                raise CorruptArchive(pickle.loads(payload))
+                raise CorruptArchive(value)
             else:
                 raise WorkerFailed(f"{WORKER_NAME} failed: {first_error(self.processes[number], WORKER_NAME)}")
 
@@ -186,19 +186,19 @@ class Answers:
         with self._changed:
             self._changed.wait_for(lambda: self._closed or not self._held or self._held + size <= AHEAD_BYTES)
 
-    def put(self, kind: bytes, payload: bytes) -> None:
+    def put(self, kind: bytes, value, size: int = 0) -> None:
         with self._changed:
-            self._items.append((kind, payload))
-            self._held += len(payload)
+            self._items.append((kind, value, size))
+            self._held += size
             self._changed.notify_all()
 
-    def get(self) -> tuple[bytes, bytes]:
+    def get(self) -> tuple[bytes, object]:
         with self._changed:
             self._changed.wait_for(lambda: self._items)
-            kind, payload = self._items.popleft()
-            self._held -= len(payload)
+            kind, value, size = self._items.popleft()
+            self._held -= size
             self._changed.notify_all()
-            return kind, payload
+            return kind, value
 
     def close(self) -> None:
         """The answers not taken are dropped, and the reader no longer waits for room."""
@@ -213,16 +213,22 @@ def read_answers(stream, answers: Answers) -> None:
     """A worker's answers, frame by frame, into `answers`; GONE at the end of its output, whatever ended it."""
     try:
         while len(header := stream.read(FRAME.size)) == FRAME.size:
-            kind, size = FRAME.unpack(header)
-            answers.wait_for_room(size)  # before reading it: the worker waits meanwhile, on its full pipe
-            payload = stream.read(size)
-            if len(payload) < size:
+            kind, value_size, lines_size = FRAME.unpack(header)
+            answers.wait_for_room(lines_size)  # before reading them: the worker waits meanwhile, on its full pipe
+            value = stream.read(value_size)
+            if len(value) < value_size:
                 break
-            answers.put(kind, payload)
-    except (OSError, ValueError):  # the pipe closed under the reader: the processes were ended
+            value = pickle.loads(value)
+            if kind == LINES:  # each line read into its own bytes: a long line is not copied again
+                lengths, types = value
+                value = [stream.read(length) for length in lengths], types
+                if sum(map(len, value[0])) != lines_size:
+                    break
+            answers.put(kind, value, lines_size)
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError):  # the pipe closed: the processes were ended
         pass
     finally:
-        answers.put(GONE, b"")
+        answers.put(GONE, None)
 
 
 # The worker's side.
@@ -237,9 +243,14 @@ def serve() -> None:
     for job in source:
         path, indices, max_event_bytes = json.loads(job)
         for kind, value in answers_for(Path(path), indices, max_event_bytes, rules, parser):
-            payload = pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
-            out.write(FRAME.pack(kind, len(payload)))
-            out.write(payload)
+            lines = ()
+            if kind == LINES:  # the lines follow their lengths as they are, not pickled (a copy less of each)
+                lines, types = value
+                value = [len(line) for line in lines], types
+            pickled = pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+            out.write(FRAME.pack(kind, len(pickled), sum(map(len, lines))))
+            out.write(pickled)
+            out.writelines(lines)
             out.flush()
 
 

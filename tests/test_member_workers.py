@@ -119,15 +119,15 @@ def test_answers_are_read_ahead_up_to_their_budget_or_one_answer_however_long(mo
     monkeypatch.setattr(member_workers, "AHEAD_BYTES", 10)
     answers = Answers()
     answers.wait_for_room(100)  # nothing held: an answer of any size is taken
-    answers.put(LINES, b"x" * 100)
+    answers.put(LINES, ([b"x" * 100], ["t"]), 100)
     room = threading.Event()
     reader = threading.Thread(target=lambda: (answers.wait_for_room(1), room.set()))
     reader.start()
     assert not room.wait(0.2)  # over the budget: the reader waits, and its worker with it
-    assert answers.get() == (LINES, b"x" * 100)
+    assert answers.get() == (LINES, ([b"x" * 100], ["t"]))
     assert room.wait(10)
     reader.join()
-    answers.put(LINES, b"y" * 8)
+    answers.put(LINES, ([b"y" * 8], ["t"]), 8)
     closing = threading.Thread(target=answers.wait_for_room, args=(5,))
     closing.start()
     answers.close()  # the exporter ends the workers: their readers no longer wait for room
