@@ -286,7 +286,7 @@ def export_windows(windows: list[Window], settings: Settings, save) -> tuple[lis
     pending: deque = deque()
     queue = iter(windows)
     spans = Spans(settings.workers, len(windows), settings) if settings.workers > 1 else None
-    members = MemberWorkers.for_run(settings.field_rules)
+    members = MemberWorkers.for_run(settings.field_rules) if windows else None
     with progress_bar(len(windows), shown=not settings.quiet) as progress, ThreadPoolExecutor(
         settings.workers, thread_name_prefix="window", initializer=leave_signals_to_main_thread
     ) as pool:

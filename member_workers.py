@@ -60,7 +60,7 @@ class ArchiveReader:
         with damage_is_corrupt(), zipfile.ZipFile(zip_path) as archive:
             members = members_in_order(archive, span)
             workers = self.workers
-            if workers is None or len(members) < 2 or not workers.take():  # another window has them: read here
+            if workers is None or len(members) < 2 or not workers.take():  # or another window has them: read here
                 for member in members:
                     for name, first_line_number, lines in read_member(archive, member, self.max_event_bytes):
                         events, types = check_events(lines, name, first_line_number, self.parser)
@@ -92,28 +92,40 @@ class MemberWorkers:
 
     @classmethod
     def for_run(cls, rules: Pseudonymiser | None) -> MemberWorkers | None:
-        """Workers when field rules are asked for and the machine has the cores; None otherwise."""
+        """Workers when field rules are asked for and the machine has the cores, started at once (the interpreters
+        start while the first archive downloads); None otherwise."""
         count = worker_count() if rules else 1
-        return cls(rules, count) if count > 1 else None
+        if count < 2:
+            return None
+        workers = cls(rules, count)
+        workers.start()
+        return workers
 
     def take(self) -> bool:
         """Whether this archive may use the workers (started now if need be); give_back() when done."""
         if not self._in_use.acquire(blocking=False):
             return False
+        self.start()
         if not self.processes:
-            try:
-                self.start()
-            except OSError as exc:  # no process to be had (a limit on processes, a missing interpreter)
-                log.warning("Field rules: no worker process could start (%s); the download threads apply them", exc)
-                self.close()
-                self._in_use.release()
-                return False
+            self._in_use.release()
+            return False
         return True
 
     def give_back(self) -> None:
         self._in_use.release()
 
     def start(self) -> None:
+        """Start the processes, unless they run already or could not start before."""
+        if self.processes or self.count < 2:
+            return
+        try:
+            self._start()
+        except OSError as exc:  # no process to be had (a limit on processes, a missing interpreter)
+            log.warning("Field rules: no worker process could start (%s); the download threads apply them", exc)
+            self.close()
+            self.count = 1
+
+    def _start(self) -> None:
         rules = self.rules.rules
         first_line = json.dumps({"dropped": rules.dropped, "hashed": rules.hashed,
                                  "key": rules.key.decode("utf-8")}).encode() + b"\n"

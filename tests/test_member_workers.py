@@ -186,6 +186,24 @@ def test_a_worker_gone_mid_archive_fails_the_window_and_the_next_archive_starts_
     assert read_all(path, workers, workers.rules)[0] == read_all(path)[0]
 
 
+@pytest.mark.skipif(processes.worker_count() < 2, reason="one core: no workers to start")
+def test_workers_that_cannot_start_leave_the_rules_to_the_windows_thread_with_one_warning(tmp_path, monkeypatch,
+                                                                                          caplog):
+    def no_process(*args):
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(member_workers, "start_process", no_process)
+    path = tmp_path / "export.zip"
+    write_archive(path, random.Random(10))
+    pool = MemberWorkers.for_run(rules())
+    assert pool is not None and pool.processes == []
+    assert read_all(path, pool, pool.rules)[0] == read_all(path)[0]
+    assert read_all(path, pool, pool.rules)[0] == read_all(path)[0]
+    warnings = [r.getMessage() for r in caplog.records if "no worker process could start" in r.getMessage()]
+    assert warnings == ["Field rules: no worker process could start ([Errno 11] Resource temporarily unavailable); "
+                        "the download threads apply them"]
+
+
 def test_the_hash_key_is_in_no_workers_command_line_or_environment(workers):
     assert workers.take()
     try:
