@@ -154,7 +154,7 @@ class MemberWorkers:
             whole = True
         except OSError:  # a worker gone before it read the archive
             gone = next((process for process in self.processes if process.poll() is not None), self.processes[0])
-            raise WorkerFailed(f"{WORKER_NAME} failed: {first_error(gone, WORKER_NAME)}") from None
+            raise WorkerFailed(f"field rules: {first_error(gone, WORKER_NAME)}") from None
         finally:
             if not whole:
                 self.close()
@@ -173,7 +173,7 @@ class MemberWorkers:
             elif kind == DAMAGED:
                 raise CorruptArchive(value)
             else:
-                raise WorkerFailed(f"{WORKER_NAME} failed: {first_error(self.processes[number], WORKER_NAME)}")
+                raise WorkerFailed(f"field rules: {first_error(self.processes[number], WORKER_NAME)}")
 
     def close(self) -> None:
         """End the processes at once; their answers not taken are dropped, so that their readers end too."""
