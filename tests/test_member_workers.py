@@ -292,3 +292,30 @@ def wait_for(condition, seconds: float = 30):
             return value
         time.sleep(0.02)
     return None
+
+
+def test_a_write_that_fails_mid_archive_frees_the_workers_at_once(tmp_path, workers):
+    import fetch_data
+    from settings import parse_settings
+
+    path = tmp_path / "export.zip"
+    write_archive(path, random.Random(11))
+    settings = parse_settings(["--date", "2025-11-01"], {"AMP_API_KEY": "k", "AMP_SECRET_KEY": "s"},
+                              dt.datetime(2025, 11, 3, tzinfo=dt.UTC))
+
+    class FullDisk:
+        tally = None
+
+        def mark(self):
+            return 0
+
+        def write_events(self, events):
+            raise OSError(28, "No space left on device")
+
+    reader = ArchiveReader(workers.rules, MAX_EVENT_BYTES, workers)
+    with pytest.raises(OSError) as failed:
+        fetch_data.write_to_local(path, FullDisk(), settings, reader, SPAN)
+    assert workers.processes == [] and not answer_threads()  # ended as the failure left the loop
+    assert failed.value.__traceback__ is not None
+    assert workers.take()
+    workers.give_back()
