@@ -5,8 +5,8 @@ seconds on one core, on top of reading and checking it. With two cores, the memb
 hour order, worker k reads members k, k+N, ... from the downloaded zip itself, checks their lines, applies the rules,
 and answers with batches of lines and their event types. The exporter takes each member's batches in hour order and
 writes them: the file is the same, byte for byte, as when it does all the work on its own thread. A thread per worker
-reads its answers ahead, AHEAD_BYTES at most (or one answer, however long its line), so memory stays flat whatever
-the archive holds.
+reads its answers as they come: the first AHEAD_BYTES in memory, the rest in a spill file, so that both workers keep
+busy while memory stays flat, whatever the archive holds.
 
 Run as `python member_workers.py` (MemberWorkers does that): the rules come first on standard input, so the hash key
 never appears in a command line or an environment, then one archive a line, `[path, [member indices], max bytes]`.
@@ -17,9 +17,11 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
 import pickle
 import struct
 import sys
+import tempfile
 import threading
 import zipfile
 from pathlib import Path
@@ -34,7 +36,7 @@ from windows import Window
 
 WORKER = Path(__file__).resolve()
 WORKER_NAME = "a field rules worker"
-AHEAD_BYTES = 4 << 20  # a worker's answers read ahead of the writing: a few batches of about a megabyte
+AHEAD_BYTES = 4 << 20  # a worker's answers held in memory ahead of the writing: a few batches of a megabyte
 FRAME = struct.Struct("<cQQ")  # kind, the length of its pickled value, the length of the lines that follow
 LINES, MEMBER_END, BAD_EVENT, DAMAGED, GONE = b"L", b"E", b"B", b"D", b"G"
 
@@ -144,6 +146,8 @@ class MemberWorkers:
     def batches(self, zip_path: Path, indices: list[int], max_event_bytes: int):
         """(position in `indices`, event lines, event types) of each member, in that order."""
         whole = False
+        for answers in self.answers:
+            answers.spill_dir = zip_path.parent  # beside the output, on disk: a /tmp in memory would cost memory
         try:
             for number, process in enumerate(self.processes):
                 job = json.dumps([str(zip_path), indices[number::self.count], max_event_bytes]).encode() + b"\n"
@@ -186,39 +190,80 @@ class MemberWorkers:
 
 
 class Answers:
-    """A worker's answers read ahead: up to AHEAD_BYTES, or a single answer however long, until closed."""
+    """A worker's answers in order: the lines of the first AHEAD_BYTES held in memory, those of later answers spilled
+    to a file without a name in the archive's folder, so that the worker never waits for the writing.
+
+    Output is written in member order, so a worker on the next member would otherwise wait for the member before
+    it to be written, and the two would take turns rather than work side by side. The spill file holds at most what
+    the output file gets anyway, is emptied whenever it has been read to its end, and vanishes with the process.
+    """
 
     def __init__(self):
-        self._items: collections.deque = collections.deque()
+        self.spill_dir: Path | None = None  # where to spill: the archive's folder, set for each archive
+        self._items: collections.deque = collections.deque()  # (kind, value, bytes held in memory, spilled)
         self._held = 0
+        self._spill = None
+        self._spilled = 0  # items waiting in the spill file
+        self._spill_end = 0
         self._closed = False
         self._changed = threading.Condition()
 
-    def wait_for_room(self, size: int) -> None:
-        with self._changed:
-            self._changed.wait_for(lambda: self._closed or not self._held or self._held + size <= AHEAD_BYTES)
-
     def put(self, kind: bytes, value, size: int = 0) -> None:
         with self._changed:
-            self._items.append((kind, value, size))
-            self._held += size
+            if self._closed:  # the processes were ended: what their reader still had is dropped
+                return
+            spilled = kind == LINES and self._held > 0 and self._held + size > AHEAD_BYTES
+            if spilled:
+                value = self._spill_lines(*value)
+                self._spilled += 1
+            else:
+                self._held += size
+            self._items.append((kind, value, 0 if spilled else size, spilled))
             self._changed.notify_all()
 
     def get(self) -> tuple[bytes, object]:
         with self._changed:
             self._changed.wait_for(lambda: self._items)
-            kind, value, size = self._items.popleft()
+            kind, value, size, spilled = self._items.popleft()
             self._held -= size
-            self._changed.notify_all()
+            if spilled:
+                value = self._unspill_lines(*value)
+                self._spilled -= 1
+                if not self._spilled:  # read to its end: start again at its beginning
+                    self._spill.truncate(0)
+                    self._spill_end = 0
             return kind, value
 
     def close(self) -> None:
-        """The answers not taken are dropped, and the reader no longer waits for room."""
+        """The answers not taken are dropped, with the spill file."""
         with self._changed:
             self._closed = True
             self._items.clear()
-            self._held = 0
-            self._changed.notify_all()
+            self._held = self._spilled = self._spill_end = 0
+            if self._spill is not None:
+                self._spill.close()
+                self._spill = None
+
+    def _spill_lines(self, lines: list[bytes], types: list[str]) -> tuple:
+        if self._spill is None:
+            self._spill = tempfile.TemporaryFile(dir=self.spill_dir)  # noqa: SIM115 - closed by close()
+        offset = self._spill_end
+        data = memoryview(b"".join(lines))
+        while data:
+            written = os.pwrite(self._spill.fileno(), data, self._spill_end)
+            self._spill_end += written
+            data = data[written:]
+        return offset, [len(line) for line in lines], types
+
+    def _unspill_lines(self, offset: int, lengths: list[int], types: list[str]) -> tuple:
+        data = os.pread(self._spill.fileno(), sum(lengths), offset)
+        if len(data) != sum(lengths):
+            raise OSError(f"the spill file of a field rules worker lost {sum(lengths) - len(data)} bytes")
+        view, lines, start = memoryview(data), [], 0
+        for length in lengths:
+            lines.append(bytes(view[start:start + length]))
+            start += length
+        return lines, types
 
 
 def read_answers(stream, answers: Answers) -> None:
@@ -226,7 +271,6 @@ def read_answers(stream, answers: Answers) -> None:
     try:
         while len(header := stream.read(FRAME.size)) == FRAME.size:
             kind, value_size, lines_size = FRAME.unpack(header)
-            answers.wait_for_room(lines_size)  # before reading them: the worker waits meanwhile, on its full pipe
             value = stream.read(value_size)
             if len(value) < value_size:
                 break

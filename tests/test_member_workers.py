@@ -1,6 +1,7 @@
 """Field rules on worker processes: the same lines, types and counts as on the window's own thread, failures named
 the same way, the hash key in no command line or environment, and no process left running."""
 
+import collections
 import datetime as dt
 import gzip
 import os
@@ -17,7 +18,7 @@ import processes
 from amplitude_standin import build_archive, make_event, member_name
 from archive import BadEvent, CorruptArchive
 from field_rules import FieldRules, Pseudonymiser
-from member_workers import LINES, Answers, ArchiveReader, MemberWorkers, WorkerFailed
+from member_workers import LINES, MEMBER_END, Answers, ArchiveReader, MemberWorkers, WorkerFailed
 from tests.conftest import hour
 from windows import Window
 
@@ -108,31 +109,35 @@ def test_workers_give_the_lines_types_and_counts_the_windows_thread_gives(tmp_pa
     assert again[0] == here[0] and again[1] == 2 * here[1]
 
 
-def test_with_room_for_one_answer_only_the_workers_still_give_every_line(tmp_path, workers, monkeypatch):
+def test_with_room_for_one_answer_in_memory_the_workers_still_give_every_line(tmp_path, workers, monkeypatch):
     monkeypatch.setattr(member_workers, "AHEAD_BYTES", 1)
     path = tmp_path / "export.zip"
     write_archive(path, random.Random(9))
     assert read_all(path, workers, workers.rules)[0] == read_all(path)[0]
 
 
-def test_answers_are_read_ahead_up_to_their_budget_or_one_answer_however_long(monkeypatch):
+def test_answers_past_the_memory_budget_wait_in_a_spill_file_and_come_back_in_order(tmp_path, monkeypatch):
     monkeypatch.setattr(member_workers, "AHEAD_BYTES", 10)
     answers = Answers()
-    answers.wait_for_room(100)  # nothing held: an answer of any size is taken
-    answers.put(LINES, ([b"x" * 100], ["t"]), 100)
-    room = threading.Event()
-    reader = threading.Thread(target=lambda: (answers.wait_for_room(1), room.set()))
-    reader.start()
-    assert not room.wait(0.2)  # over the budget: the reader waits, and its worker with it
-    assert answers.get() == (LINES, ([b"x" * 100], ["t"]))
-    assert room.wait(10)
-    reader.join()
-    answers.put(LINES, ([b"y" * 8], ["t"]), 8)
-    closing = threading.Thread(target=answers.wait_for_room, args=(5,))
-    closing.start()
-    answers.close()  # the exporter ends the workers: their readers no longer wait for room
-    closing.join(10)
-    assert not closing.is_alive()
+    answers.spill_dir = tmp_path
+    batches = [([b"%d-%d" % (n, i) * (n + 1) for i in range(3)], [f"type {n}"] * 3) for n in range(6)]
+    for kind, batch in [(LINES, batches[0]), (LINES, batches[1]), (MEMBER_END, (6, set())), *[(LINES, b) for b in
+                                                                                             batches[2:]]]:
+        answers.put(kind, batch, sum(map(len, batch[0])) if kind == LINES else 0)  # never waits: a worker goes on
+    assert answers._held == sum(map(len, batches[0][0]))  # the first in memory, every later batch on disk
+    assert answers._spilled == 5 and answers._spill_end > 0
+    assert list(tmp_path.iterdir()) == []  # a file without a name: nothing to leave behind
+    assert answers.get() == (LINES, batches[0])
+    assert answers.get() == (LINES, batches[1])
+    assert answers.get() == (MEMBER_END, (6, set()))
+    answers.put(LINES, batches[0], 1)  # while others still wait on disk: in turn, after them
+    assert [answers.get() for _ in range(5)] == [(LINES, b) for b in batches[2:]] + [(LINES, batches[0])]
+    assert answers._spilled == 0 and answers._spill_end == 0  # read to its end: emptied
+    answers.put(LINES, batches[1], 100)
+    answers.put(LINES, batches[2], 100)
+    answers.close()
+    answers.put(LINES, batches[3], 100)  # a reader still running after its process ended
+    assert answers._items == collections.deque() and answers._spill is None
 
 
 def test_a_bad_line_in_a_workers_member_fails_as_it_does_on_the_windows_thread(tmp_path, workers):
