@@ -47,6 +47,10 @@ class WorkerFailed(ExportError):
     """A worker ended without finishing (killed, or out of memory): the window fails, the next run exports it."""
 
 
+class SpillFailed(OSError):
+    """A worker's lines could not wait in the spill file (a full disk): its window fails."""
+
+
 class ArchiveReader:
     """How one window's archives become checked event lines, with the field rules applied: one per window thread."""
 
@@ -176,8 +180,8 @@ class MemberWorkers:
                 raise BadEvent(*value)
             elif kind == DAMAGED:
                 raise CorruptArchive(value)
-            else:
-                raise WorkerFailed(f"field rules: {first_error(self.processes[number], WORKER_NAME)}")
+            else:  # GONE, with the reader's own failure, if any
+                raise WorkerFailed(f"field rules: {value or first_error(self.processes[number], WORKER_NAME)}")
 
     def close(self) -> None:
         """End the processes at once; their answers not taken are dropped, so that their readers end too."""
@@ -249,10 +253,13 @@ class Answers:
             self._spill = tempfile.TemporaryFile(dir=self.spill_dir)  # noqa: SIM115 - closed by close()
         offset = self._spill_end
         data = memoryview(b"".join(lines))
-        while data:
-            written = os.pwrite(self._spill.fileno(), data, self._spill_end)
-            self._spill_end += written
-            data = data[written:]
+        try:
+            while data:
+                written = os.pwrite(self._spill.fileno(), data, self._spill_end)
+                self._spill_end += written
+                data = data[written:]
+        except OSError as exc:
+            raise SpillFailed(f"cannot keep a worker's lines in {self.spill_dir}: {exc.strerror or exc}") from None
         return offset, [len(line) for line in lines], types
 
     def _unspill_lines(self, offset: int, lengths: list[int], types: list[str]) -> tuple:
@@ -268,6 +275,7 @@ class Answers:
 
 def read_answers(stream, answers: Answers) -> None:
     """A worker's answers, frame by frame, into `answers`; GONE at the end of its output, whatever ended it."""
+    failure = None
     try:
         while len(header := stream.read(FRAME.size)) == FRAME.size:
             kind, value_size, lines_size = FRAME.unpack(header)
@@ -281,10 +289,12 @@ def read_answers(stream, answers: Answers) -> None:
                 if sum(map(len, value[0])) != lines_size:
                     break
             answers.put(kind, value, lines_size)
+    except SpillFailed as exc:
+        failure = str(exc)
     except (OSError, ValueError, EOFError, pickle.UnpicklingError):  # the pipe closed: the processes were ended
         pass
     finally:
-        answers.put(GONE, None)
+        answers.put(GONE, failure)
 
 
 # The worker's side.

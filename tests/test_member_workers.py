@@ -116,6 +116,20 @@ def test_with_room_for_one_answer_in_memory_the_workers_still_give_every_line(tm
     assert read_all(path, workers, workers.rules)[0] == read_all(path)[0]
 
 
+def test_a_full_disk_under_the_spill_file_fails_the_window_with_one_line(tmp_path, workers, monkeypatch):
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(member_workers, "AHEAD_BYTES", 1)
+    monkeypatch.setattr(member_workers.os, "pwrite", full)
+    path = tmp_path / "export.zip"
+    write_archive(path, random.Random(12))
+    with pytest.raises(WorkerFailed) as failed:
+        read_all(path, workers, workers.rules)
+    assert str(failed.value) == f"field rules: cannot keep a worker's lines in {tmp_path}: No space left on device"
+    assert workers.processes == [] and not answer_threads()
+
+
 def test_answers_past_the_memory_budget_wait_in_a_spill_file_and_come_back_in_order(tmp_path, monkeypatch):
     monkeypatch.setattr(member_workers, "AHEAD_BYTES", 10)
     answers = Answers()
