@@ -249,11 +249,11 @@ class Answers:
                 self._spill = None
 
     def _spill_lines(self, lines: list[bytes], types: list[str]) -> tuple:
-        if self._spill is None:
-            self._spill = tempfile.TemporaryFile(dir=self.spill_dir)  # noqa: SIM115 - closed by close()
         offset = self._spill_end
         data = memoryview(b"".join(lines))
         try:
+            if self._spill is None:
+                self._spill = tempfile.TemporaryFile(dir=self.spill_dir)  # noqa: SIM115 - closed by close()
             while data:
                 written = os.pwrite(self._spill.fileno(), data, self._spill_end)
                 self._spill_end += written
@@ -263,9 +263,13 @@ class Answers:
         return offset, [len(line) for line in lines], types
 
     def _unspill_lines(self, offset: int, lengths: list[int], types: list[str]) -> tuple:
-        data = os.pread(self._spill.fileno(), sum(lengths), offset)
-        if len(data) != sum(lengths):
-            raise OSError(f"the spill file of a field rules worker lost {sum(lengths) - len(data)} bytes")
+        size = sum(lengths)
+        data = os.pread(self._spill.fileno(), size, offset)
+        while len(data) < size:  # a read returns at most about 2 GB
+            more = os.pread(self._spill.fileno(), size - len(data), offset + len(data))
+            if not more:
+                raise OSError(f"the spill file of a field rules worker lost {size - len(data)} bytes")
+            data += more
         view, lines, start = memoryview(data), [], 0
         for length in lengths:
             lines.append(bytes(view[start:start + length]))

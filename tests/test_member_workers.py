@@ -4,7 +4,9 @@ the same way, the hash key in no command line or environment, and no process lef
 import collections
 import datetime as dt
 import gzip
+import io
 import os
+import pickle
 import random
 import signal
 import threading
@@ -114,20 +116,6 @@ def test_with_room_for_one_answer_in_memory_the_workers_still_give_every_line(tm
     path = tmp_path / "export.zip"
     write_archive(path, random.Random(9))
     assert read_all(path, workers, workers.rules)[0] == read_all(path)[0]
-
-
-def test_a_full_disk_under_the_spill_file_fails_the_window_with_one_line(tmp_path, workers, monkeypatch):
-    def full(*args):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(member_workers, "AHEAD_BYTES", 1)
-    monkeypatch.setattr(member_workers.os, "pwrite", full)
-    path = tmp_path / "export.zip"
-    write_archive(path, random.Random(12))
-    with pytest.raises(WorkerFailed) as failed:
-        read_all(path, workers, workers.rules)
-    assert str(failed.value) == f"field rules: cannot keep a worker's lines in {tmp_path}: No space left on device"
-    assert workers.processes == [] and not answer_threads()
 
 
 def test_answers_past_the_memory_budget_wait_in_a_spill_file_and_come_back_in_order(tmp_path, monkeypatch):
@@ -338,3 +326,55 @@ def test_a_write_that_fails_mid_archive_frees_the_workers_at_once(tmp_path, work
     assert failed.value.__traceback__ is not None
     assert workers.take()
     workers.give_back()
+
+
+def test_lines_spilled_while_the_writing_waits_come_back_in_order(tmp_path, workers, monkeypatch):
+    monkeypatch.setattr(member_workers, "AHEAD_BYTES", 1)
+    path = tmp_path / "export.zip"
+    write_archive(path, random.Random(14))
+    batches = ArchiveReader(workers.rules, MAX_EVENT_BYTES, workers).batches(path, SPAN)
+    first = next(batches)  # the writing waits here, while the second worker answers for its members
+    assert wait_for(lambda: workers.answers[1]._spilled >= 2)
+    lines = [(member, line, kind) for member, events, types in [first, *batches]
+             for line, kind in zip(events, types, strict=True)]
+    assert lines == read_all(path)[0]
+    assert workers.answers[1]._spill_end == 0  # read to its end, and emptied
+
+
+def frames(*batches) -> io.BytesIO:
+    """What a worker writes for these batches of lines, as serve() writes it."""
+    out = io.BytesIO()
+    for lines in batches:
+        pickled = pickle.dumps(([len(line) for line in lines], ["t"] * len(lines)))
+        out.write(member_workers.FRAME.pack(LINES, len(pickled), sum(map(len, lines))) + pickled + b"".join(lines))
+    return io.BytesIO(out.getvalue())
+
+
+@pytest.mark.parametrize("refusal", ["TemporaryFile", "pwrite"])
+def test_a_spill_file_that_cannot_be_written_ends_the_answers_with_one_line(tmp_path, monkeypatch, refusal):
+    def refused(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(member_workers, "AHEAD_BYTES", 1)
+    monkeypatch.setattr(member_workers.tempfile if refusal == "TemporaryFile" else member_workers.os, refusal, refused)
+    answers = Answers()
+    answers.spill_dir = tmp_path
+    member_workers.read_answers(frames([b"a", b"b"], [b"c"]), answers)  # the second must wait on disk
+    assert answers.get() == (LINES, ([b"a", b"b"], ["t", "t"]))
+    assert answers.get() == (member_workers.GONE, f"cannot keep a worker's lines in {tmp_path}: No space left on device")
+
+
+def test_a_worker_that_ended_mid_frame_ends_its_answers(tmp_path):
+    whole = frames([b"a", b"b"], [b"c" * 100]).getvalue()
+    answers = Answers()
+    member_workers.read_answers(io.BytesIO(whole[:-10]), answers)
+    assert answers.get() == (LINES, ([b"a", b"b"], ["t", "t"]))
+    assert answers.get() == (member_workers.GONE, None)
+
+
+def test_a_readers_own_failure_is_the_windows_message():
+    pool = MemberWorkers(rules(), 2)
+    pool.answers = [Answers(), Answers()]
+    pool.answers[0].put(member_workers.GONE, "cannot keep a worker's lines in /data: No space left on device")
+    with pytest.raises(WorkerFailed, match="^field rules: cannot keep a worker's lines in /data: No space left on device$"):
+        list(pool._member(0))
