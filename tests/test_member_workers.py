@@ -111,6 +111,7 @@ def test_workers_give_the_lines_types_and_counts_the_windows_thread_gives(tmp_pa
     assert again[0] == here[0] and again[1] == 2 * here[1]
 
 
+@pytest.mark.slow  # a few tenths of a second each: kept out of the quick tier
 def test_with_room_for_one_answer_in_memory_the_workers_still_give_every_line(tmp_path, workers, monkeypatch):
     monkeypatch.setattr(member_workers, "AHEAD_BYTES", 1)
     path = tmp_path / "export.zip"
@@ -157,6 +158,7 @@ def test_a_bad_line_in_a_workers_member_fails_as_it_does_on_the_windows_thread(t
     assert workers.processes == [] and not answer_threads()  # ended: the next archive starts new ones
 
 
+@pytest.mark.slow  # a few tenths of a second each: kept out of the quick tier
 def test_a_damaged_member_is_a_damaged_archive_and_the_next_archive_starts_new_workers(tmp_path, workers):
     good, damaged = tmp_path / "good.zip", tmp_path / "damaged.zip"
     write_archive(good, random.Random(5))
@@ -176,6 +178,7 @@ def test_a_damaged_member_is_a_damaged_archive_and_the_next_archive_starts_new_w
     assert read_all(good, workers, workers.rules)[0] == read_all(good)[0]
 
 
+@pytest.mark.slow  # a few tenths of a second each: kept out of the quick tier
 def test_a_worker_gone_mid_archive_fails_the_window_and_the_next_archive_starts_anew(tmp_path, workers):
     path = tmp_path / "export.zip"
     write_archive(path, random.Random(6))
@@ -222,6 +225,7 @@ def test_the_hash_key_is_in_no_workers_command_line_or_environment(workers):
         workers.give_back()
 
 
+@pytest.mark.slow  # a few tenths of a second each: kept out of the quick tier
 def test_a_window_that_finds_the_workers_busy_reads_its_archive_on_its_own_thread(tmp_path, workers):
     path = tmp_path / "export.zip"
     write_archive(path, random.Random(7))
@@ -301,6 +305,7 @@ def wait_for(condition, seconds: float = 30):
     return None
 
 
+@pytest.mark.slow  # a few tenths of a second each: kept out of the quick tier
 def test_a_write_that_fails_mid_archive_frees_the_workers_at_once(tmp_path, workers):
     import fetch_data
     from settings import parse_settings
@@ -328,6 +333,7 @@ def test_a_write_that_fails_mid_archive_frees_the_workers_at_once(tmp_path, work
     workers.give_back()
 
 
+@pytest.mark.slow  # a few tenths of a second each: kept out of the quick tier
 def test_lines_spilled_while_the_writing_waits_come_back_in_order(tmp_path, workers, monkeypatch):
     monkeypatch.setattr(member_workers, "AHEAD_BYTES", 1)
     path = tmp_path / "export.zip"
