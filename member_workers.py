@@ -270,6 +270,8 @@ class Answers:
             if not more:
                 raise OSError(f"the spill file of a field rules worker lost {size - len(data)} bytes")
             data += more
+        if len(lengths) == 1:  # a long line comes alone in its batch: not copied again
+            return [data], types
         view, lines, start = memoryview(data), [], 0
         for length in lengths:
             lines.append(bytes(view[start:start + length]))

@@ -60,7 +60,7 @@ def test_long_lines_under_field_rules_cost_a_bounded_number_of_copies(tmp_path):
     peak_mb = measured_export(tmp_path, members, *RULES, AMP_HASH_KEY=HASH_KEY)
     assert json.loads((tmp_path / "data" / "manifest.jsonl").read_text())["events"] == 24
     # Each worker and the exporter hold a few copies of the line it has in hand (docs/design-choices.md).
-    assert peak_mb < RULES_BUDGET_MB + 16 * line_mb, f"peak RSS {peak_mb} MB"
+    assert peak_mb < RULES_BUDGET_MB + 20 * line_mb, f"peak RSS {peak_mb} MB"
 
 
 def measured_export(tmp_path, members, *flags, expected_status=0, **env_extra) -> float:
