@@ -17,7 +17,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from processes import end_processes, first_error, start_process
+from processes import end_processes, first_error, one_that_ended, start_process
 
 CHUNK_BYTES = 2 << 20  # a few thousand events: a worker then holds about 100 MB, Python and pyarrow included
 WORKER = Path(__file__).resolve().with_name("lake_worker.py")
@@ -90,8 +90,7 @@ class Workers:
                     raise ConversionFailed("the workers disagree on where the file ends (it changed meanwhile)")
             whole = True
         except OSError:  # a worker gone before it read the path
-            gone = next((process for process in self.processes if process.poll() is not None), self.processes[0])
-            raise ConversionFailed(first_error(gone, WORKER_NAME)) from None
+            raise ConversionFailed(first_error(one_that_ended(self.processes), WORKER_NAME)) from None
         finally:
             if not whole:
                 self.close()

@@ -31,7 +31,7 @@ import simdjson
 from archive import BadEvent, CorruptArchive, check_events, damage_is_corrupt, members_in_order, read_member
 from errors import ExportError
 from field_rules import FieldRules, Pseudonymiser
-from processes import end_processes, first_error, start_process, worker_count
+from processes import end_processes, first_error, one_that_ended, start_process, worker_count
 from windows import Window
 
 WORKER = Path(__file__).resolve()
@@ -161,8 +161,7 @@ class MemberWorkers:
                 yield from self._member(position)
             whole = True
         except OSError:  # a worker gone before it read the archive
-            gone = next((process for process in self.processes if process.poll() is not None), self.processes[0])
-            raise WorkerFailed(f"field rules: {first_error(gone, WORKER_NAME)}") from None
+            raise WorkerFailed(f"field rules: {first_error(one_that_ended(self.processes), WORKER_NAME)}") from None
         finally:
             if not whole:
                 self.close()

@@ -70,6 +70,11 @@ def end_processes(processes: list[subprocess.Popen]) -> None:
                 stream.close()
 
 
+def one_that_ended(processes: list[subprocess.Popen]) -> subprocess.Popen:
+    """The worker that has ended, whose message says why a pipe to the workers broke (the first, if none has yet)."""
+    return next((process for process in processes if process.poll() is not None), processes[0])
+
+
 def first_error(process: subprocess.Popen, what: str) -> str:
     """The last line the worker wrote on standard error, once it has ended (a worker whose stream broke off is
     ending: it is given a few seconds to say why). `what` names the worker when it said nothing."""
