@@ -3,6 +3,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -15,6 +16,30 @@ ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "test-api-key-5f2a81"
 SECRET_KEY = "test-secret-9c1d77"
 UTC = dt.UTC
+
+
+def wait_for(condition, timeout: float = 30):
+    """Poll until `condition()` holds, and give its value; a test fails rather than hangs when it never does."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+    return value
+
+
+def processes_running(script: Path) -> list[int]:
+    """The processes running `script` (a test's own copy of the project's file names only its own processes); an
+    ended one whose parent has not reaped it has no command line and is not among them."""
+    wanted = str(script).encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                if wanted in cmdline.read().split(b"\0"):
+                    found.append(int(entry))
+        except (OSError, ValueError):
+            pass
+    return found
 
 
 def hour(text: str) -> dt.datetime:

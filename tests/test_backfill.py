@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.conftest import as_array, as_jsonl, hour
+from tests.conftest import as_array, as_jsonl, hour, wait_for
 from windows import HOUR, format_hour, last_finished_hour
 
 RANGE = ("--start", "2025-11-01", "--end", "2025-11-03")
@@ -387,10 +387,3 @@ def test_a_terminal_gets_a_progress_bar_and_cron_does_not(cli, standin):
     assert b"3/3" in seen and b"window" in seen
     cron = cli.run(*RANGE, "--refetch")
     assert "3/3" not in cron.stderr
-
-
-def wait_for(condition, timeout=30):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)

@@ -16,7 +16,7 @@ import pytest
 
 import archive
 from amplitude_standin import NOT_FOUND_TEXT, build_archive, member_name
-from tests.conftest import as_array, hour
+from tests.conftest import as_array, hour, wait_for
 
 DAY = ("--date", "2025-11-01")
 DAY_START, DAY_END = hour("20251101T00"), hour("20251101T23")
@@ -403,11 +403,3 @@ def test_the_log_file_failing_does_not_change_a_failure_exit_code(cli, standin):
     assert result.returncode == 1
     assert "Logging error" not in result.stderr
     assert "Amplitude answered HTTP 418" in result.stderr
-
-
-def wait_for(condition, timeout=30):
-    """Poll until `condition()` holds; a test fails rather than hangs when it never does."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)

@@ -22,7 +22,7 @@ import processes
 from amplitude_standin import make_event, member_name
 from errors import UsageError
 from settings import parse_settings
-from tests.conftest import API_KEY, ROOT, SECRET_KEY, hour
+from tests.conftest import API_KEY, ROOT, SECRET_KEY, hour, processes_running, wait_for
 
 DAY = ("--date", "2025-11-01")
 UTC = dt.UTC
@@ -366,11 +366,11 @@ def test_kill_9_at_any_moment_leaves_a_readable_table_and_the_next_run_completes
     ]
     for moment in moments:
         process = cli.start(*args)
-        wait_for(lambda process=process, moment=moment: moment() or process.poll() is not None)
+        wait_for(lambda process=process, moment=moment: moment() or process.poll() is not None, timeout=60)
         assert process.poll() is not None or processes.worker_count() == 1 or conversion_workers(cli)  # they run
         process.send_signal(signal.SIGKILL)
         process.wait()
-        wait_for(lambda: not conversion_workers(cli))  # the workers see their pipes close and end too
+        wait_for(lambda: not conversion_workers(cli), timeout=60)  # the workers see their pipes close and end too
         if (table / "_delta_log").exists():
             rows = table_rows(table)
             assert len({row["uuid"] for row in rows}) == len(rows)  # every hour at most once
@@ -389,11 +389,11 @@ def test_a_stop_signal_during_a_load_ends_the_run_and_its_workers(cli, standin, 
     args = ("--start", "2025-11-01", "--end", "2025-11-03", "--lake", "lake")
     table = cli.workdir / "lake"
     victim = cli.start(*args)
-    wait_for(lambda: any(table.rglob("*.parquet")) or victim.poll() is not None)
+    wait_for(lambda: any(table.rglob("*.parquet")) or victim.poll() is not None, timeout=60)
     victim.send_signal(signum)
     _, stderr = victim.communicate(timeout=30)
     assert victim.returncode == 1 and f"Stopped by {signum.name}" in stderr and "Traceback" not in stderr
-    wait_for(lambda: not conversion_workers(cli))
+    wait_for(lambda: not conversion_workers(cli), timeout=60)
     result = cli.run(*args)
     assert result.returncode == 0, result.stderr
     rows = table_rows(table)
@@ -402,23 +402,7 @@ def test_a_stop_signal_during_a_load_ends_the_run_and_its_workers(cli, standin, 
 
 def conversion_workers(cli) -> list[int]:
     """The processes running this copy of the project's lake_worker.py."""
-    script = str(cli.project / "lake_worker.py").encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
-                if script in cmdline.read().split(b"\0"):
-                    found.append(int(entry))
-        except (OSError, ValueError):
-            pass
-    return found
-
-
-def wait_for(condition, seconds=60):
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.01)
+    return processes_running(cli.project / "lake_worker.py")
 
 
 def test_parallel_windows_commit_one_at_a_time(cli, standin):

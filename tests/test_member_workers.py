@@ -10,7 +10,6 @@ import pickle
 import random
 import signal
 import threading
-import time
 import zipfile
 
 import pytest
@@ -21,7 +20,7 @@ from amplitude_standin import build_archive, make_event, member_name
 from archive import BadEvent, CorruptArchive
 from field_rules import FieldRules, Pseudonymiser
 from member_workers import LINES, MEMBER_END, Answers, ArchiveReader, MemberWorkers, WorkerFailed
-from tests.conftest import hour
+from tests.conftest import hour, processes_running, wait_for
 from windows import Window
 
 KEY = "k" * 20 + "-a-secret-of-32+chars"
@@ -259,50 +258,18 @@ def test_an_exporter_killed_mid_run_leaves_no_worker_running(cli):
     exporter = cli.start("--start", "2025-11-01", "--end", "20251102T23", "--hash-fields", "user_id",
                          AMP_HASH_KEY=KEY)
     try:
-        found = wait_for(lambda: workers_of(exporter.pid) if len(workers_of(exporter.pid)) == 2 else None)
-        assert found, "the first day's archive is read by two workers"
-        assert cli.standin.arrived >= 2 or wait_for(lambda: cli.standin.arrived >= 2)  # the run is held on day two
+        script = cli.project / "member_workers.py"
+        wait_for(lambda: len(processes_running(script)) == 2)  # the first day's archive is read by two workers
+        wait_for(lambda: cli.standin.arrived >= 2)  # the run is held on day two
         exporter.kill()
         exporter.wait()
-        assert wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") and not zombie(pid) for pid in found))
+        wait_for(lambda: not processes_running(script))
     finally:
         if exporter.poll() is None:
             exporter.kill()
             exporter.wait()
         exporter.stdout.close()
         exporter.stderr.close()
-
-
-def workers_of(parent: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat, open(f"/proc/{entry}/cmdline", "rb") as cmdline:
-                    parent_pid = int(stat.read().rsplit(")", 1)[1].split()[1])
-                    if parent_pid == parent and b"member_workers.py" in cmdline.read():
-                        found.append(int(entry))
-            except OSError:
-                pass
-    return found
-
-
-def zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
-def wait_for(condition, seconds: float = 30):
-    """The condition's value once it holds, polled until `seconds` pass; None if it never does."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.02)
-    return None
 
 
 @pytest.mark.slow  # a few tenths of a second each: kept out of the quick tier
@@ -340,7 +307,7 @@ def test_lines_spilled_while_the_writing_waits_come_back_in_order(tmp_path, work
     write_archive(path, random.Random(14))
     batches = ArchiveReader(workers.rules, MAX_EVENT_BYTES, workers).batches(path, SPAN)
     first = next(batches)  # the writing waits here, while the second worker answers for its members
-    assert wait_for(lambda: workers.answers[1]._spilled >= 2)
+    wait_for(lambda: workers.answers[1]._spilled >= 2)
     lines = [(member, line, kind) for member, events, types in [first, *batches]
              for line, kind in zip(events, types, strict=True)]
     assert lines == read_all(path)[0]
