@@ -363,8 +363,8 @@ def write_to_local(zip_path: Path, writer: EventWriter, settings: Settings, read
     """The archive's events into `writer`; a damaged archive is undone and retried, a bad event fails the window."""
     mark = writer.mark()
     try:
-        for member, events, types in reader.batches(zip_path, span):
-            writer.write_events(events)
+        for member, block, types in reader.batches(zip_path, span, writer.separator):
+            writer.write_block(block, len(types))
             writer.tally.add(member_hour(member), types)
     except BadEvent as exc:  # the archive passed its CRC check: downloading it again would not help
         # Under field rules the line's content could be the very data the rules keep out of files and logs.

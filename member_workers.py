@@ -3,13 +3,14 @@
 Field rules cost a Python loop over every event (decode it, hash its IDs, write it back), which takes a day of events
 seconds on one core, on top of reading and checking it. With two cores, the members are shared out: of the members in
 hour order, worker k reads members k, k+N, ... from the downloaded zip itself, checks their lines, applies the rules,
-and answers with batches of lines and their event types. The exporter takes each member's batches in hour order and
-writes them: the file is the same, byte for byte, as when it does all the work on its own thread. A thread per worker
-reads its answers as they come: the first AHEAD_BYTES in memory, the rest in a spill file, so that both workers keep
-busy while memory stays flat, whatever the archive holds.
+and answers with batches of lines, joined as the output file joins them, and their event types. The exporter takes
+each member's batches in hour order and writes them as they come: the file is the same, byte for byte, as when it
+does all the work on its own thread. A thread per worker reads its answers as they come: the first AHEAD_BYTES in
+memory, the rest in a spill file, so that both workers keep busy while memory stays flat, whatever the archive holds.
 
 Run as `python member_workers.py` (MemberWorkers does that): the rules come first on standard input, so the hash key
-never appears in a command line or an environment, then one archive a line, `[path, [member indices], max bytes]`.
+never appears in a command line or an environment, then one archive a line,
+`[path, [member indices], max bytes, separator]`.
 """
 
 from __future__ import annotations
@@ -31,13 +32,13 @@ import simdjson
 from archive import BadEvent, CorruptArchive, check_events, damage_is_corrupt, members_in_order, read_member
 from errors import ExportError
 from field_rules import FieldRules, Pseudonymiser
-from processes import end_processes, first_error, one_that_ended, start_process, worker_count
+from processes import end_processes, first_error, one_that_ended, start_process, widen_pipe, worker_count
 from windows import Window
 
 WORKER = Path(__file__).resolve()
 WORKER_NAME = "a field rules worker"
 AHEAD_BYTES = 4 << 20  # a worker's answers held in memory ahead of the writing: a few batches of a megabyte
-FRAME = struct.Struct("<cQQ")  # kind, the length of its pickled value, the length of the lines that follow
+FRAME = struct.Struct("<cQQ")  # kind, the length of its pickled value, the length of the block of lines after it
 LINES, MEMBER_END, BAD_EVENT, DAMAGED, GONE = b"L", b"E", b"B", b"D", b"G"
 
 log = logging.getLogger("fetch_data")
@@ -60,9 +61,13 @@ class ArchiveReader:
         self.max_event_bytes = max_event_bytes
         self.workers = workers
 
-    def batches(self, zip_path: Path, span: Window):
-        """(member name, event lines, their event types) in hour order; BadEvent for a line that is not an event,
-        CorruptArchive for a damaged archive (see damage_is_corrupt)."""
+    def batches(self, zip_path: Path, span: Window, separator: bytes):
+        """(member name, the block of its event lines, their event types) in hour order; BadEvent for a line that is
+        not an event, CorruptArchive for a damaged archive (see damage_is_corrupt).
+
+        A batch's lines come joined by `separator`, as the output file joins them (EventWriter.separator): a worker's
+        batch then crosses the pipe and reaches the file as one block, never a line at a time.
+        """
         with damage_is_corrupt(), zipfile.ZipFile(zip_path) as archive:
             members = members_in_order(archive, span)
             workers = self.workers
@@ -70,13 +75,13 @@ class ArchiveReader:
                 for member in members:
                     for name, first_line_number, lines in read_member(archive, member, self.max_event_bytes):
                         events, types = check_events(lines, name, first_line_number, self.parser)
-                        yield name, self.rules.apply(events) if self.rules else events, types
+                        yield name, separator.join(self.rules.apply(events) if self.rules else events), types
                 return
             index = {id(info): number for number, info in enumerate(archive.infolist())}
         try:  # the workers open the archive themselves
-            for position, events, types in workers.batches(zip_path, [index[id(member)] for member in members],
-                                                           self.max_event_bytes):
-                yield members[position].filename, events, types
+            for position, block, types in workers.batches(zip_path, [index[id(member)] for member in members],
+                                                          self.max_event_bytes, separator):
+                yield members[position].filename, block, types
         finally:
             workers.give_back()
 
@@ -138,6 +143,7 @@ class MemberWorkers:
         for _ in range(self.count):
             process = start_process(WORKER)
             self.processes.append(process)
+            widen_pipe(process.stdout)
             answers = Answers()
             reader = threading.Thread(target=read_answers, args=(process.stdout, answers), daemon=True,
                                       name="rules-worker-answers")
@@ -147,14 +153,15 @@ class MemberWorkers:
             process.stdin.write(first_line)
             process.stdin.flush()
 
-    def batches(self, zip_path: Path, indices: list[int], max_event_bytes: int):
-        """(position in `indices`, event lines, event types) of each member, in that order."""
+    def batches(self, zip_path: Path, indices: list[int], max_event_bytes: int, separator: bytes):
+        """(position in `indices`, the block of its event lines, their event types) of each member, in that order."""
         whole = False
         for answers in self.answers:
             answers.spill_dir = zip_path.parent  # beside the output, on disk: a /tmp in memory would cost memory
         try:
             for number, process in enumerate(self.processes):
-                job = json.dumps([str(zip_path), indices[number::self.count], max_event_bytes]).encode() + b"\n"
+                job = json.dumps([str(zip_path), indices[number::self.count], max_event_bytes,
+                                  separator.decode("latin-1")]).encode() + b"\n"
                 process.stdin.write(job)
                 process.stdin.flush()
             for position in range(len(indices)):
@@ -193,8 +200,8 @@ class MemberWorkers:
 
 
 class Answers:
-    """A worker's answers in order: the lines of the first AHEAD_BYTES held in memory, those of later answers spilled
-    to a file without a name in the archive's folder, so that the worker never waits for the writing.
+    """A worker's answers in order: the blocks of lines of the first AHEAD_BYTES held in memory, those of later answers
+    spilled to a file without a name in the archive's folder, so that the worker never waits for the writing.
 
     Output is written in member order, so a worker on the next member would otherwise wait for the member before
     it to be written, and the two would take turns rather than work side by side. The spill file holds at most what
@@ -217,7 +224,7 @@ class Answers:
                 return
             spilled = kind == LINES and self._held > 0 and self._held + size > AHEAD_BYTES
             if spilled:
-                value = self._spill_lines(*value)
+                value = self._spill_block(*value)
                 self._spilled += 1
             else:
                 self._held += size
@@ -230,7 +237,7 @@ class Answers:
             kind, value, size, spilled = self._items.popleft()
             self._held -= size
             if spilled:
-                value = self._unspill_lines(*value)
+                value = self._unspill_block(*value)
                 self._spilled -= 1
                 if not self._spilled:  # read to its end: start again at its beginning
                     self._spill.truncate(0)
@@ -247,9 +254,9 @@ class Answers:
                 self._spill.close()
                 self._spill = None
 
-    def _spill_lines(self, lines: list[bytes], types: list[str]) -> tuple:
+    def _spill_block(self, block: bytes, types: list[str]) -> tuple:
         offset = self._spill_end
-        data = memoryview(b"".join(lines))
+        data = memoryview(block)
         try:
             if self._spill is None:
                 self._spill = tempfile.TemporaryFile(dir=self.spill_dir)  # noqa: SIM115 - closed by close()
@@ -259,23 +266,16 @@ class Answers:
                 data = data[written:]
         except OSError as exc:
             raise SpillFailed(f"cannot keep a worker's lines in {self.spill_dir}: {exc.strerror or exc}") from None
-        return offset, [len(line) for line in lines], types
+        return offset, len(block), types
 
-    def _unspill_lines(self, offset: int, lengths: list[int], types: list[str]) -> tuple:
-        size = sum(lengths)
-        data = os.pread(self._spill.fileno(), size, offset)
-        while len(data) < size:  # a read returns at most about 2 GB
-            more = os.pread(self._spill.fileno(), size - len(data), offset + len(data))
+    def _unspill_block(self, offset: int, size: int, types: list[str]) -> tuple:
+        block = os.pread(self._spill.fileno(), size, offset)
+        while len(block) < size:  # a read returns at most about 2 GB
+            more = os.pread(self._spill.fileno(), size - len(block), offset + len(block))
             if not more:
-                raise OSError(f"the spill file of a field rules worker lost {size - len(data)} bytes")
-            data += more
-        if len(lengths) == 1:  # a long line comes alone in its batch: not copied again
-            return [data], types
-        view, lines, start = memoryview(data), [], 0
-        for length in lengths:
-            lines.append(bytes(view[start:start + length]))
-            start += length
-        return lines, types
+                raise OSError(f"the spill file of a field rules worker lost {size - len(block)} bytes")
+            block += more
+        return block, types
 
 
 def read_answers(stream, answers: Answers) -> None:
@@ -288,10 +288,9 @@ def read_answers(stream, answers: Answers) -> None:
             if len(value) < value_size:
                 break
             value = pickle.loads(value)
-            if kind == LINES:  # each line read into its own bytes: a long line is not copied again
-                lengths, types = value
-                value = [stream.read(length) for length in lengths], types
-                if sum(map(len, value[0])) != lines_size:
+            if kind == LINES:  # the event types, then their lines as one block, read in one go
+                value = stream.read(lines_size), value
+                if len(value[0]) != lines_size:
                     break
             answers.put(kind, value, lines_size)
     except SpillFailed as exc:
@@ -312,16 +311,17 @@ def serve() -> None:
     rules = Pseudonymiser(FieldRules(tuple(given["dropped"]), tuple(given["hashed"]), given["key"].encode("utf-8")))
     parser = simdjson.Parser()
     for job in source:
-        path, indices, max_event_bytes = json.loads(job)
+        path, indices, max_event_bytes, separator = json.loads(job)
+        separator = separator.encode("latin-1")
         for kind, value in answers_for(Path(path), indices, max_event_bytes, rules, parser):
-            lines = ()
-            if kind == LINES:  # the lines follow their lengths as they are, not pickled (a copy less of each)
-                lines, types = value
-                value = [len(line) for line in lines], types
+            block = b""
+            if kind == LINES:  # the lines follow their types as one block, not pickled (a copy less)
+                lines, value = value
+                block = separator.join(lines)
             pickled = pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
-            out.write(FRAME.pack(kind, len(pickled), sum(map(len, lines))))
+            out.write(FRAME.pack(kind, len(pickled), len(block)))
             out.write(pickled)
-            out.writelines(lines)
+            out.write(block)
             out.flush()
 
 

@@ -7,6 +7,7 @@ events seconds on one core; both share their work out to processes started here.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 
 MAX_WORKERS = 2  # see worker_count
 CGROUP = Path("/sys/fs/cgroup")
+PIPE_BYTES = 1 << 20  # Linux's default upper bound for a pipe that any user may ask for (/proc/sys/fs/pipe-max-size)
 
 
 def worker_count(cgroup: Path = CGROUP) -> int:
@@ -56,6 +58,16 @@ def start_process(script: Path, *args: str) -> subprocess.Popen:
         raise
     process.errors = errors
     return process
+
+
+def widen_pipe(stream) -> None:
+    """Let the pipe behind `stream` hold PIPE_BYTES rather than 64 KB, where the system allows it.
+
+    A worker that answers with megabytes otherwise waits for its reader every few dozen events; each wait switches
+    both processes out and cools their caches, which cost the field rules' workers a fifth of their time.
+    """
+    with contextlib.suppress(AttributeError, OSError):  # not Linux, or a lower limit: the default pipe works too
+        fcntl.fcntl(stream.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
 
 
 def end_processes(processes: list[subprocess.Popen]) -> None:

@@ -39,17 +39,26 @@ class EventWriter:
         self.tally = Tally()  # the counts of what is written, undone with it by rollback
         self._sink = Sink(create_temp_file(path))  # the writer owns it until finish() or discard()
 
+    @property
+    def separator(self) -> bytes:
+        """What goes between two events of a batch: see write_block."""
+        return b",\n" if self._array else b"\n"
+
     def write_events(self, lines: list[bytes]) -> None:
-        if not lines:
+        self.write_block(self.separator.join(lines), len(lines))
+
+    def write_block(self, block: bytes, count: int) -> None:
+        """`count` events, joined by `separator` (a batch of one is its line itself: a long line is not copied)."""
+        if not count:
             return
-        # Separators go apart from the lines: a batch of one long line is then never copied into a larger buffer.
+        # Separators go apart from the block: a block of one long line is then never copied into a larger buffer.
         if self._array:
             self._encode(b",\n" if self.events else b"[\n")
-            self._encode(b",\n".join(lines))
+            self._encode(block)
         else:
-            self._encode(b"\n".join(lines))
+            self._encode(block)
             self._encode(b"\n")
-        self.events += len(lines)
+        self.events += count
 
     def mark(self) -> tuple:
         self._close_member()

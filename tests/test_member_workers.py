@@ -70,12 +70,16 @@ def dt_hours(count: int) -> dt.timedelta:
     return dt.timedelta(hours=count)
 
 
-def read_all(path, workers=None, pseudonymiser=None):
+def read_all(path, workers=None, pseudonymiser=None, separator=b",\n"):
     pseudonymiser = pseudonymiser or rules()
     reader = ArchiveReader(pseudonymiser, MAX_EVENT_BYTES, workers)
-    lines = [(member, line, kind) for member, events, types in reader.batches(path, SPAN)
-             for line, kind in zip(events, types, strict=True)]
-    return lines, pseudonymiser.events, pseudonymiser.unmatched()
+    return lines_of(reader.batches(path, SPAN, separator), separator), pseudonymiser.events, pseudonymiser.unmatched()
+
+
+def lines_of(batches, separator=b",\n") -> list[tuple]:
+    """(member, line, event type) of every event in these batches, their blocks cut at the separator."""
+    return [(member, line, kind) for member, block, types in batches
+            for line, kind in zip(block.split(separator) if types else [], types, strict=True)]
 
 
 @pytest.fixture
@@ -108,6 +112,7 @@ def test_workers_give_the_lines_types_and_counts_the_windows_thread_gives(tmp_pa
     # A second archive on the same processes, and the counts add up.
     again = read_all(path, workers, workers.rules)
     assert again[0] == here[0] and again[1] == 2 * here[1]
+    assert read_all(path, workers, workers.rules, b"\n")[0] == here[0]  # joined as JSON lines are, too
 
 
 @pytest.mark.slow  # a few tenths of a second each: kept out of the quick tier
@@ -122,11 +127,11 @@ def test_answers_past_the_memory_budget_wait_in_a_spill_file_and_come_back_in_or
     monkeypatch.setattr(member_workers, "AHEAD_BYTES", 10)
     answers = Answers()
     answers.spill_dir = tmp_path
-    batches = [([b"%d-%d" % (n, i) * (n + 1) for i in range(3)], [f"type {n}"] * 3) for n in range(6)]
+    batches = [(b"\n".join(b"%d-%d" % (n, i) * (n + 1) for i in range(3)), [f"type {n}"] * 3) for n in range(6)]
     for kind, batch in [(LINES, batches[0]), (LINES, batches[1]), (MEMBER_END, (6, set())), *[(LINES, b) for b in
                                                                                              batches[2:]]]:
-        answers.put(kind, batch, sum(map(len, batch[0])) if kind == LINES else 0)  # never waits: a worker goes on
-    assert answers._held == sum(map(len, batches[0][0]))  # the first in memory, every later batch on disk
+        answers.put(kind, batch, len(batch[0]) if kind == LINES else 0)  # never waits: a worker goes on
+    assert answers._held == len(batches[0][0])  # the first in memory, every later batch on disk
     assert answers._spilled == 5 and answers._spill_end > 0
     assert list(tmp_path.iterdir()) == []  # a file without a name: nothing to leave behind
     assert answers.get() == (LINES, batches[0])
@@ -185,7 +190,7 @@ def test_a_worker_gone_mid_archive_fails_the_window_and_the_next_archive_starts_
     second = workers.processes[1]
     os.kill(second.pid, signal.SIGSTOP)  # before it has an archive: it can have answered nothing
     workers.give_back()
-    batches = ArchiveReader(workers.rules, MAX_EVENT_BYTES, workers).batches(path, SPAN)
+    batches = ArchiveReader(workers.rules, MAX_EVENT_BYTES, workers).batches(path, SPAN, b",\n")
     next(batches)  # the first member is the first worker's
     second.kill()
     second.wait()
@@ -240,7 +245,7 @@ def test_a_window_that_finds_the_workers_busy_reads_its_archive_on_its_own_threa
 def test_an_archive_abandoned_half_read_ends_the_workers_and_their_readers(tmp_path, workers):
     path = tmp_path / "export.zip"
     write_archive(path, random.Random(8))
-    batches = ArchiveReader(workers.rules, MAX_EVENT_BYTES, workers).batches(path, SPAN)
+    batches = ArchiveReader(workers.rules, MAX_EVENT_BYTES, workers).batches(path, SPAN, b",\n")
     next(batches)
     processes = list(workers.processes)
     assert len(processes) == 2 and len(answer_threads()) == 2
@@ -284,11 +289,12 @@ def test_a_write_that_fails_mid_archive_frees_the_workers_at_once(tmp_path, work
 
     class FullDisk:
         tally = None
+        separator = b"\n"
 
         def mark(self):
             return 0
 
-        def write_events(self, events):
+        def write_block(self, block, count):
             raise OSError(28, "No space left on device")
 
     reader = ArchiveReader(workers.rules, MAX_EVENT_BYTES, workers)
@@ -305,12 +311,10 @@ def test_lines_spilled_while_the_writing_waits_come_back_in_order(tmp_path, work
     monkeypatch.setattr(member_workers, "AHEAD_BYTES", 1)
     path = tmp_path / "export.zip"
     write_archive(path, random.Random(14))
-    batches = ArchiveReader(workers.rules, MAX_EVENT_BYTES, workers).batches(path, SPAN)
+    batches = ArchiveReader(workers.rules, MAX_EVENT_BYTES, workers).batches(path, SPAN, b",\n")
     first = next(batches)  # the writing waits here, while the second worker answers for its members
     wait_for(lambda: workers.answers[1]._spilled >= 2)
-    lines = [(member, line, kind) for member, events, types in [first, *batches]
-             for line, kind in zip(events, types, strict=True)]
-    assert lines == read_all(path)[0]
+    assert lines_of([first, *batches]) == read_all(path)[0]
     assert workers.answers[1]._spill_end == 0  # read to its end, and emptied
 
 
@@ -318,8 +322,8 @@ def frames(*batches) -> io.BytesIO:
     """What a worker writes for these batches of lines, as serve() writes it."""
     out = io.BytesIO()
     for lines in batches:
-        pickled = pickle.dumps(([len(line) for line in lines], ["t"] * len(lines)))
-        out.write(member_workers.FRAME.pack(LINES, len(pickled), sum(map(len, lines))) + pickled + b"".join(lines))
+        pickled, block = pickle.dumps(["t"] * len(lines)), b"\n".join(lines)
+        out.write(member_workers.FRAME.pack(LINES, len(pickled), len(block)) + pickled + block)
     return io.BytesIO(out.getvalue())
 
 
@@ -333,7 +337,7 @@ def test_a_spill_file_that_cannot_be_written_ends_the_answers_with_one_line(tmp_
     answers = Answers()
     answers.spill_dir = tmp_path
     member_workers.read_answers(frames([b"a", b"b"], [b"c"]), answers)  # the second must wait on disk
-    assert answers.get() == (LINES, ([b"a", b"b"], ["t", "t"]))
+    assert answers.get() == (LINES, (b"a\nb", ["t", "t"]))
     assert answers.get() == (member_workers.GONE, f"cannot keep a worker's lines in {tmp_path}: No space left on device")
 
 
@@ -341,7 +345,7 @@ def test_a_worker_that_ended_mid_frame_ends_its_answers(tmp_path):
     whole = frames([b"a", b"b"], [b"c" * 100]).getvalue()
     answers = Answers()
     member_workers.read_answers(io.BytesIO(whole[:-10]), answers)
-    assert answers.get() == (LINES, ([b"a", b"b"], ["t", "t"]))
+    assert answers.get() == (LINES, (b"a\nb", ["t", "t"]))
     assert answers.get() == (member_workers.GONE, None)
 
 
