@@ -115,6 +115,19 @@ def test_workers_give_the_lines_types_and_counts_the_windows_thread_gives(tmp_pa
     assert read_all(path, workers, workers.rules, b"\n")[0] == here[0]  # joined as JSON lines are, too
 
 
+@pytest.mark.skipif(not hasattr(processes.fcntl, "F_GETPIPE_SZ"), reason="pipe sizes are Linux's")
+def test_a_workers_answers_come_through_a_pipe_of_a_megabyte_or_the_systems_own(tmp_path, workers, monkeypatch):
+    process = started_processes(workers)[0]
+    assert processes.fcntl.fcntl(process.stdout.fileno(), processes.fcntl.F_GETPIPE_SZ) == processes.PIPE_BYTES
+    workers.close()
+    monkeypatch.setattr(processes, "PIPE_BYTES", 1 << 40)  # over any system's limit: the default pipe, and no error
+    process = started_processes(workers)[0]
+    assert processes.fcntl.fcntl(process.stdout.fileno(), processes.fcntl.F_GETPIPE_SZ) < processes.PIPE_BYTES
+    path = tmp_path / "export.zip"
+    write_archive(path, random.Random(4))
+    assert read_all(path, workers, workers.rules)[0] == read_all(path)[0]
+
+
 @pytest.mark.slow  # a few tenths of a second each: kept out of the quick tier
 def test_with_room_for_one_answer_in_memory_the_workers_still_give_every_line(tmp_path, workers, monkeypatch):
     monkeypatch.setattr(member_workers, "AHEAD_BYTES", 1)

@@ -35,6 +35,20 @@ def test_layouts(tmp_path, file_format, layout, use_gzip):
 
 
 @pytest.mark.parametrize("use_gzip", [False, True])
+@pytest.mark.parametrize("file_format", ["json", "jsonl"])
+def test_a_block_joined_by_the_separator_is_written_as_its_lines_would_be(tmp_path, file_format, use_gzip):
+    _, expected = written(tmp_path, file_format, use_gzip, [LINES[:1], LINES[1:]])
+    blocks = EventWriter(tmp_path / "blocks.part", file_format, use_gzip)
+    blocks.write_block(blocks.separator.join(LINES[:1]), 1)
+    blocks.write_block(b"", 0)  # a batch of blank lines only: nothing, not even a separator
+    blocks.write_block(blocks.separator.join(LINES[1:]), 2)
+    blocks.finish()
+    content = (tmp_path / "blocks.part").read_bytes()
+    assert (gzip.decompress(content) if use_gzip else content) == expected
+    assert blocks.events == 3 and blocks.sha256() == hashlib.sha256(content).hexdigest()
+
+
+@pytest.mark.parametrize("use_gzip", [False, True])
 def test_an_empty_export_is_an_empty_array_or_an_empty_file(tmp_path, use_gzip):
     _, array = written(tmp_path, "json", use_gzip, [])
     assert array == b"[]\n" and json.loads(array) == []
