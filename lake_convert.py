@@ -17,7 +17,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from processes import end_processes, first_error, one_that_ended, start_process
+from processes import end_processes, first_error, one_that_ended, start_process, widen_pipe
 
 CHUNK_BYTES = 2 << 20  # a few thousand events: a worker then holds about 100 MB, Python and pyarrow included
 WORKER = Path(__file__).resolve().with_name("lake_worker.py")
@@ -102,7 +102,9 @@ class Workers:
 
 
 def start_worker(number: int, count: int) -> subprocess.Popen:
-    return start_process(WORKER, str(number), str(count))
+    process = start_process(WORKER, str(number), str(count))
+    widen_pipe(process.stdout)  # a record batch of megabytes then crosses in one or two turns, not dozens
+    return process
 
 
 def reader_of(process: subprocess.Popen):

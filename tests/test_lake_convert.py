@@ -241,6 +241,9 @@ def test_a_worker_gone_between_files_fails_that_file_only(tmp_path):
     path.write_bytes(file_of(lines, "json"))
     pool = lake_convert.Workers(2, 16 << 10)
     pool.start()
+    if hasattr(processes.fcntl, "F_GETPIPE_SZ"):  # batches of megabytes cross in a turn or two (Linux)
+        assert processes.fcntl.fcntl(pool.processes[0].stdout.fileno(), processes.fcntl.F_GETPIPE_SZ) == \
+            processes.PIPE_BYTES
     pool.processes[1].kill()
     pool.processes[1].wait()
     with pytest.raises(lake_convert.ConversionFailed, match="ended with code -9"):
