@@ -73,9 +73,9 @@ class ArchiveReader:
             workers = self.workers
             if workers is None or len(members) < 2 or not workers.take():  # or another window has them: read here
                 for member in members:
-                    for name, first_line_number, lines in read_member(archive, member, self.max_event_bytes):
-                        events, types = check_events(lines, name, first_line_number, self.parser)
-                        yield name, separator.join(self.rules.apply(events) if self.rules else events), types
+                    for name, events, types in checked_batches(archive, member, self.max_event_bytes, self.parser,
+                                                               self.rules):
+                        yield name, separator.join(events), types
                 return
             index = {id(info): number for number, info in enumerate(archive.infolist())}
         try:  # the workers open the archive themselves
@@ -84,6 +84,14 @@ class ArchiveReader:
                 yield members[position].filename, block, types
         finally:
             workers.give_back()
+
+
+def checked_batches(archive: zipfile.ZipFile, member: zipfile.ZipInfo, max_event_bytes: int, parser,
+                    rules: Pseudonymiser | None):
+    """(member name, its event lines with the rules applied, their event types) of one member, batch by batch."""
+    for name, first_line_number, lines in read_member(archive, member, max_event_bytes):
+        events, types = check_events(lines, name, first_line_number, parser)
+        yield name, rules.apply(events) if rules else events, types
 
 
 class MemberWorkers:
@@ -332,9 +340,8 @@ def answers_for(path: Path, indices: list[int], max_event_bytes: int, rules: Pse
             infos = archive.infolist()
             for index in indices:
                 events_before = rules.events
-                for name, first_line_number, lines in read_member(archive, infos[index], max_event_bytes):
-                    events, types = check_events(lines, name, first_line_number, parser)
-                    yield LINES, (rules.apply(events), types)
+                for _, events, types in checked_batches(archive, infos[index], max_event_bytes, parser, rules):
+                    yield LINES, (events, types)
                 yield MEMBER_END, (rules.events - events_before, rules.carried())
     except BadEvent as exc:  # its content stays here: under field rules a message shows no line
         yield BAD_EVENT, (exc.member, exc.number, exc.reason, b"", exc.length)
