@@ -130,19 +130,20 @@ class Pseudonymiser:
         # One memory per field name, so that IDs seen once (device IDs of one-time visitors) do not push out the
         # users who come back all day.
         self._pseudonyms: dict[str, dict[bytes, msgspec.Raw]] = collections.defaultdict(dict)
+        self._paths = frozenset(rules.dropped + rules.hashed)
         # Paths no event has carried yet; once empty (on the first events, as a rule) the check costs nothing.
-        self._unmatched: set[str] = set(rules.dropped + rules.hashed)
+        self._unmatched: set[str] = set(self._paths)
         self.events = 0
 
     def unmatched(self) -> list[str]:
         """The paths no event carried, once events went through: a typo there keeps personal data."""
         return sorted(self._unmatched) if self.events else []
 
-    def carried(self) -> set[str]:
+    def carried(self) -> frozenset[str]:
         """The paths some event carried so far."""
-        return set(self.rules.dropped + self.rules.hashed) - self._unmatched
+        return self._paths - self._unmatched
 
-    def count(self, events: int, carried: set[str]) -> None:
+    def count(self, events: int, carried: frozenset[str]) -> None:
         """Events a worker process applied the rules to, and the paths they carried."""
         self.events += events
         self._unmatched -= carried
