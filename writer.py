@@ -53,10 +53,9 @@ class EventWriter:
             return
         # Separators go apart from the block: a block of one long line is then never copied into a larger buffer.
         if self._array:
-            self._encode(b",\n" if self.events else b"[\n")
-            self._encode(block)
-        else:
-            self._encode(block)
+            self._encode(self.separator if self.events else b"[\n")
+        self._encode(block)
+        if not self._array:
             self._encode(b"\n")
         self.events += count
 
