@@ -79,7 +79,7 @@ def rebuild_event(row: dict) -> dict:
         value = row[column_of(key)]
         kind = KIND_OF[key]
         if value is not None and kind == "timestamp":
-            value = value.astimezone(dt.UTC).strftime(TIME_FORMAT)
+            value = time_text(value)
         elif value is not None and kind == "json":
             value = json.loads(value)
         event[key] = value
@@ -88,3 +88,9 @@ def rebuild_event(row: dict) -> dict:
     for key in json.loads(row[ABSENT_FIELDS] or "[]"):
         del event[key]
     return event
+
+
+def time_text(value: dt.datetime) -> str:
+    """A time as Amplitude writes it, `YYYY-MM-DD hh:mm:ss.ffffff` in UTC, the year in four digits (strftime's %Y
+    gives `25` for the year 25)."""
+    return value.astimezone(dt.UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
