@@ -395,7 +395,8 @@ def all_time_shaped(texts: pa.StringArray) -> bool:
 
     If Arrow's ISO 8601 parser then takes every one (it checks each digit and separator, and refuses a zone for a
     timestamp without one), each is TIME_TEXT exactly: the length and the space leave no other shape it takes
-    (tests/test_lake.py tries thousands). Two passes over the bytes cost a sixth of the regular expression.
+    (tests/test_lake.py tries a thousand near misses). Two passes over the bytes cost a sixth of the regular
+    expression.
     """
     if texts.null_count == len(texts):
         return False
