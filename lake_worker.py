@@ -45,7 +45,9 @@ TIME_TEXT = r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\.\d{6}$"  # how Amplitude wri
 TIME_BYTES, TIME_SPACE = 26, 10  # the length of that text, and where its one space is
 YEAR_ONE = -62_135_596_800_000_000  # 0001-01-01 00:00:00 UTC in microseconds since 1970
 Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
-PYTHON_TYPE = {"timestamp": str, "integer": Int64, "float": float, "boolean": bool, "string": str}
+# A float column takes JSON integers too, decoded exactly: one a double cannot hold (past 2**53) must not be rounded.
+PYTHON_TYPE = {"timestamp": str, "integer": Int64, "float": int | float, "boolean": bool, "string": str}
+EXACT_DOUBLE_INTEGER = 2**53  # pyarrow converts integers up to this into doubles, and refuses the others
 UNSET = msgspec.UNSET
 NO_TEXT = msgspec.Raw(b"")  # what a property map the event does not have decodes to
 JSON_NULL = msgspec.Raw(b"null")
@@ -349,12 +351,22 @@ def typed_column(values: list, kind: str) -> tuple[pa.Array, pa.BooleanArray | s
         return typed, missing, misfit
     try:
         return pa.array(values, ARROW_TYPE[kind]), missing, None
-    except (pa.ArrowInvalid, UnicodeEncodeError):  # a lone surrogate in a string has no UTF-8: kept as JSON text
-        fits = [value is None or is_utf8(value) for value in values]
-        typed = pa.array([value if ok else None for value, ok in zip(values, fits, strict=True)], pa.string())
+    except (pa.ArrowInvalid, UnicodeEncodeError):  # kept as JSON text: see fits_column
+        fits = [fits_column(value, kind) for value in values]
+        typed = pa.array([value if ok else None for value, ok in zip(values, fits, strict=True)], ARROW_TYPE[kind])
         misfit = pa.array([None if ok else ENCODE(value).decode("utf-8", "surrogatepass")
                            for value, ok in zip(values, fits, strict=True)], pa.string())
         return typed, missing, misfit
+
+
+def fits_column(value, kind: str) -> bool:
+    """Whether a decoded value goes into its column as it is: text with a lone surrogate has no UTF-8, and an integer
+    past 2**53 in a float column would be rounded."""
+    if value is None:
+        return True
+    if kind == "float":
+        return isinstance(value, float) or -EXACT_DOUBLE_INTEGER <= value <= EXACT_DOUBLE_INTEGER
+    return is_utf8(value)
 
 
 def timestamps(values: list) -> tuple[pa.TimestampArray, pa.StringArray | None]:

@@ -96,6 +96,33 @@ def test_every_event_of_the_archives_rebuilds_from_its_row():
         assert rebuilt == [json.loads(line) for line in lines]
 
 
+ODD_VALUES = ['0', '-0', '-0.0', '1.10', '5e0', '1E-7', '4.9e-324', '1e308', '9007199254740992', '9007199254740993',
+              '9223372036854775807', '-9223372036854775808', '9223372036854775808', '12345678901234567890123', 'true',
+              'false', 'null', '""', '" "', '"x"', '"5"', '"\\u00e9"', '"\\u0000"', '"\\ud800"', '"\\ud83d\\ude00"',
+              '"\\n\\t\\"\\\\"', '"2025-11-01 00:00:06.000001"', '"2025-11-01T00:00:06.000001"',
+              '"0000-01-01 00:00:00.000000"', '"9999-12-31 23:59:59.999999"', '{}', '[]', '{"a":1}', '[1,"2",{"b":null}]']
+ODD_KEYS = [*lake_schema.DOCUMENTED, "$schema", "sample_rate", "new_key", "\u00e9", "", "insert_id", "other_fields",
+            "absent_fields", "export_hour"]
+
+
+def test_any_value_under_any_key_rebuilds_as_sent():
+    """Events of random keys, each with a value of a random JSON type and edge (sign, size, precision, escapes,
+    times of other shapes), in one batch and each in a batch of its own: every one rebuilds as json.loads reads
+    it, and what a column cannot hold exactly (an integer past 2**53 in a float column) stays as sent."""
+    rng = random.Random(5)
+    lines = []
+    for _ in range(500):
+        keys = rng.sample(ODD_KEYS, rng.randint(0, 12))
+        lines.append(("{" + ",".join(f"{json.dumps(key)}:{rng.choice(ODD_VALUES)}" for key in keys) + "}").encode())
+    lines.append(b'{"location_lat":9007199254740993,"location_lng":52,"event_type":"big"}')
+    for batch_lines in [lines] + [[line] for line in lines[-60:]]:
+        batch = lake_worker.Converter().events(batch_lines)
+        rows = lake_schema.with_hours(batch, [(hour("20251101T00"), len(batch_lines))]).to_pylist()
+        assert [lake_schema.rebuild_event(row) for row in rows] == [json.loads(line) for line in batch_lines]
+    assert rows[0]["location_lat"] is None and rows[0]["location_lng"] == 52.0
+    assert json.loads(rows[0]["other_fields"]) == {"location_lat": 9007199254740993}
+
+
 def test_the_benchmarks_events_fill_their_typed_columns():
     lines = standin_lines(200, seed=11, complete=True)
     rows = lake_worker.Converter().events(lines).to_pylist()
