@@ -68,12 +68,17 @@ class Export(Line, omit_defaults=True):
     size: Count = msgspec.field(name="bytes")
     sha256: Sha256
     finished_at: str
-    hours: dict[str, Count] | None = None  # per hour of the window; absent when some member named no hour
+    hours: dict[HourText, Count] | None = None  # per hour of the window; absent when some member named no hour
     # The member hour of each run of lines in file order, when that order is not simply `hours` sorted (a member
     # that named no hour, or a stray hour written out of order); the lake reads it.
     runs: list[tuple[HourText | None, Count]] | None = None
     event_types: dict[str, Count] = {}
     policy: dict | None = None  # the field rules the file was written under
+
+    def __post_init__(self):
+        super().__post_init__()
+        for hour in (*(self.hours or ()), *(hour for hour, _ in self.runs or () if hour)):
+            check_hour(hour)  # the report and the lake take these as real hours
 
 
 class Upload(Line):

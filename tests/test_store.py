@@ -49,6 +49,11 @@ def test_an_export_line_and_an_upload_line_are_their_records():
         ({"start": "2025-11-01"}, "at `$.start`"),
         ({"end": "20251031T23"}, "end 20251031T23 is before start 20251101T00"),
         ({"hours": {"20251101T00": "many"}}, "at `$.hours"),
+        # The report and the lake read these as hours: a damaged one would stop them later, in the middle of a run.
+        ({"hours": {"garbage": 5}}, "at `key` in `$.hours`"),
+        ({"hours": {"20251101T00": 3, "20251399T99": 5}}, "20251399T99: no such hour"),
+        ({"runs": [["20251101T00", 2], ["20250230T01", 1]]}, "20250230T01: no such hour"),
+        ({"runs": [["2025110100", 2]]}, "at `$.runs"),
         ({"event_types": []}, "at `$.event_types`"),
     ],
 )
