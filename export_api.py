@@ -22,7 +22,7 @@ import requests
 
 from errors import ExportError, first_text_line
 from settings import EXPORT_PATH, Api
-from store import create_temp_file
+from temp_files import create_temp_file
 from urls import is_loopback
 from windows import Window, format_hour, now_utc
 

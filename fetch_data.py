@@ -10,9 +10,10 @@ docs/. This file is the entry point and the pipeline, top-down; each stage lives
     archive       the zip's members in hour order, each line checked
     field_rules   personal data dropped or pseudonymised
     writer        the output file and its counts
-    store         manifest, journal, lock, atomic files
+    store         manifest, journal, lock, atomic files (temp_files: a run's temporary files)
     azure_upload  --upload
-    lake          --lake (its schema in lake_schema; lake_convert runs lake_worker processes to convert)
+    lake          --lake (its schema in lake_schema, its rows in lake_batches; lake_convert runs lake_worker
+                  processes to convert)
     report        --report
 """
 
@@ -35,7 +36,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 PROJECT_MODULES = ("errors", "windows", "settings", "export_api", "archive", "writer", "store", "logging_config", "progress",
                    "report", "summary", "monitor", "urls", "field_rules", "azure_upload", "lake", "lake_schema", "lake_convert",
-                   "lake_worker", "spans", "processes", "member_workers")
+                   "lake_worker", "lake_batches", "spans", "processes", "member_workers", "temp_files")
 
 
 def explain_missing_import(missing: ImportError) -> str:
@@ -63,6 +64,7 @@ if sys.version_info < (3, 11):  # noqa: UP036 - the check is for interpreters ol
 try:
     import report
     import store
+    import temp_files
     from archive import BadEvent, CorruptArchive, member_hour
     from errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ExportError, UsageError
     from export_api import Retryable, TooLarge, fetch, halves_of_too_large, open_session
@@ -192,7 +194,7 @@ def run_export(settings: Settings, outcome: Outcome) -> int:
     data_dir = store.ensure_folder(settings.data_dir)
     log.info("Data folder: %s", data_dir)
     with store.hold_lock(data_dir), contextlib.ExitStack() as stack:
-        store.remove_temp_files(data_dir)
+        temp_files.remove_temp_files(data_dir)
         stop_cleanly_on_signals(data_dir)
         store.finish_interrupted_save(data_dir)
         uploads = start_uploads(settings)
@@ -224,8 +226,13 @@ def run_export(settings: Settings, outcome: Outcome) -> int:
                 lake.send(record)
             return record
 
-        saved, failures = export_windows(todo, settings, save)
-    warn_of_unmatched_rules(settings)
+        def follow(window: Window, separator: bytes):  # a window exported alone goes to the lake as it is written
+            names = store.output_names(settings.started, settings.data_outfile, settings.extension, window, several)
+            return lake.follow(window, next(name for name in names if not (data_dir / name).exists()), separator)
+
+        saved, failures = export_windows(todo, settings, save, follow if lake and len(todo) == 1 else None)
+    if settings.field_rules:
+        settings.field_rules.warn_of_unmatched()
     log_summary(settings, saved, failures, time.monotonic() - began)
     tell(outcome, data_dir, saved, failures, sum(w.hours for w in todo), uploads)
     outcome.lake_version = lake.version if lake else None
@@ -280,7 +287,7 @@ def start_uploads(settings: Settings):
     return uploads
 
 
-def export_windows(windows: list[Window], settings: Settings, save) -> tuple[list[Export], list[tuple[Window, str]]]:
+def export_windows(windows: list[Window], settings: Settings, save, follow=None) -> tuple[list[Export], list]:
     """Download windows on `workers` threads; put each in place in window order so runs are reproducible."""
     saved, failures = [], []
     pending: deque = deque()
@@ -292,7 +299,7 @@ def export_windows(windows: list[Window], settings: Settings, save) -> tuple[lis
     ) as pool:
         try:
             for window in itertools.islice(queue, 2 * settings.workers):
-                pending.append((window, pool.submit(export_window, window, settings, spans, members)))
+                pending.append((window, pool.submit(export_window, window, settings, spans, members, follow)))
             while pending:
                 window, future = pending[0]
                 try:
@@ -307,7 +314,8 @@ def export_windows(windows: list[Window], settings: Settings, save) -> tuple[lis
                 pending.popleft()
                 following = next(queue, None)
                 if following:
-                    pending.append((following, pool.submit(export_window, following, settings, spans, members)))
+                    pending.append((following, pool.submit(export_window, following, settings, spans, members,
+                                                           follow)))
         finally:
             for _, future in pending:
                 future.cancel()
@@ -322,14 +330,15 @@ def export_windows(windows: list[Window], settings: Settings, save) -> tuple[lis
 
 
 def export_window(window: Window, settings: Settings, spans: Spans | None = None,
-                  members: MemberWorkers | None = None) -> Finished:
+                  members: MemberWorkers | None = None, follow=None) -> Finished:
     """One window into one temporary file, splitting requests Amplitude finds too large; `spans` fetch it in parts,
-    `members` read its archives under field rules."""
+    `members` read its archives under field rules, `follow` gives its writer a follower (the lake's)."""
     began = time.monotonic()
     writer = None
     try:
-        writer = EventWriter(store.temp_path_for(settings.data_dir, window, settings.extension), settings.file_format,
+        writer = EventWriter(temp_files.temp_path_for(settings.data_dir, window, settings.extension), settings.file_format,
                              settings.gzip)
+        writer.follower = follow(window, writer.separator) if follow else None
         reader = ArchiveReader(settings.field_rules, settings.max_event_bytes, members)
         if spans:
             spans.export(window, lambda zip_path, span: write_to_local(zip_path, writer, settings, reader, span),
@@ -364,23 +373,13 @@ def write_to_local(zip_path: Path, writer: EventWriter, settings: Settings, read
     mark = writer.mark()
     try:
         for member, block, types in reader.batches(zip_path, span, writer.separator):
-            writer.write_block(block, len(types))
-            writer.tally.add(member_hour(member), types)
+            writer.write_batch(block, member_hour(member), types)
     except BadEvent as exc:  # the archive passed its CRC check: downloading it again would not help
         # Under field rules the line's content could be the very data the rules keep out of files and logs.
         raise ExportError(exc.without_content() if settings.field_rules else exc.with_content()) from None
     except CorruptArchive as exc:
         writer.rollback(mark)
         raise Retryable(f"the archive is damaged ({exc})", settings.api.delay_seconds) from None
-
-
-def warn_of_unmatched_rules(settings: Settings) -> None:
-    """A field path no event carried is most likely a typo, and the personal data it meant stays in the files."""
-    if not settings.field_rules:
-        return
-    for path in settings.field_rules.unmatched():
-        flag = "--drop-fields" if path in settings.field_rules.rules.dropped else "--hash-fields"
-        log.warning("%s %s matched no event: check its spelling, or the data it names is kept", flag, path)
 
 
 def discard_unsaved(future) -> None:
@@ -411,8 +410,8 @@ def stop_cleanly_on_signals(data_dir: Path) -> None:
     """
 
     def stop(signum, frame):
-        store.stop_creating_temp_files()  # first: a download thread could otherwise leave one behind the removal
-        store.remove_temp_files(data_dir, quiet=True)
+        temp_files.stop_creating_temp_files()  # first: a download thread could otherwise leave one behind the removal
+        temp_files.remove_temp_files(data_dir, quiet=True)
         log.error("Stopped by %s; files not yet in place were discarded, the next run exports what is missing",
                   signal.Signals(signum).name)
         logging.shutdown()

@@ -13,10 +13,13 @@ import dataclasses
 import hashlib
 import hmac
 import json
+import logging
 
 import msgspec
 
 from archive import mask_surrogates, unmask_surrogates
+
+log = logging.getLogger("fetch_data")
 
 HASH_KEY_VARIABLE = "AMP_HASH_KEY"
 MIN_KEY_CHARS = 32
@@ -138,6 +141,12 @@ class Pseudonymiser:
     def unmatched(self) -> list[str]:
         """The paths no event carried, once events went through: a typo there keeps personal data."""
         return sorted(self._unmatched) if self.events else []
+
+    def warn_of_unmatched(self) -> None:
+        """A field path no event carried is most likely a typo, and the personal data it meant stays in the files."""
+        for path in self.unmatched():
+            flag = "--drop-fields" if path in self.rules.dropped else "--hash-fields"
+            log.warning("%s %s matched no event: check its spelling, or the data it names is kept", flag, path)
 
     def carried(self) -> frozenset[str]:
         """The paths some event carried so far."""

@@ -1,11 +1,13 @@
 """The lake stage (`--lake URI`): each window's events in a typed Delta table, each hour replaced exactly once.
 
-A window's file, once in place, is read back and written to the table in one commit that replaces exactly the
-window's hours (a predicate overwrite on `export_hour`, the hour of the archive member each event came in): a
-window exported again never duplicates a row, and readers see its old rows or its new ones, never half. The
-manifest then records the table's id and the commit's version (a LakeLoad line), which is how a later run knows what
-the table holds. Hours whose files are here but not in the table (a new table, one deleted or replaced, a run
-killed between the file and the commit) are loaded from those files, without a request to Amplitude.
+A window's events are written to the table in one commit that replaces exactly the window's hours (a predicate
+overwrite on `export_hour`, the hour of the archive member each event came in): a window exported again never
+duplicates a row, and readers see its old rows or its new ones, never half. The commit is made once the window's
+file is in place, and the manifest then records the table's id and the commit's version (a LakeLoad line), which is
+how a later run knows what the table holds. A window exported alone is converted while it is written (follow);
+other windows, and one whose conversion was given up, are read back from their file. Hours whose files are here but
+not in the table (a new table, one deleted or replaced, a run killed between the file and the commit) are loaded
+from those files, without a request to Amplitude.
 
 Optional: delta-rs and pyarrow come from requirements-lake.txt and are imported only when --lake is used. The
 schema is in lake_schema.py. Messages never carry a key or a SAS token: delta-rs's errors are scrubbed first.
@@ -13,6 +15,7 @@ schema is in lake_schema.py. Messages never carry a key or a SAS token: delta-rs
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -20,26 +23,17 @@ import logging
 import re
 import shlex
 import sys
+import threading
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from errors import ExportError, UsageError
-from lake_convert import Workers
+from lake_batches import FileChanged, Followed, followed_batches, hours_predicate, latest_hours, record_batches
+from lake_convert import Feed, Workers
 from processes import worker_count
-from store import (
-    DECODE_LAKE,
-    MANIFEST_NAME,
-    Export,
-    LakeLoad,
-    append_manifest,
-    file_key,
-    file_sha256,
-    file_state,
-    hour_of,
-    marked_lines,
-)
-from windows import HOUR, format_hour, hours_between, iso_utc, now_utc
+from store import DECODE_LAKE, MANIFEST_NAME, Export, LakeLoad, append_manifest, file_key, file_state, marked_lines
+from windows import Window, hours_between, iso_utc, now_utc
 
 log = logging.getLogger("fetch_data")
 
@@ -188,13 +182,33 @@ class Lake:
         self.failure: str | None = None  # the first failure stops the stage; the next run loads what is missing
         self.sleep = time.sleep  # between commits that met another writer's (the tests pass their own)
         self.workers = Workers(worker_count())  # processes converting a file's events side by side
+        self.followed: Followed | None = None  # the window being converted while it is exported
 
     def start_workers(self) -> None:
         """Start the conversion workers now, so that they are ready when the first file is (see lake_convert)."""
         self.workers.start()
 
     def close(self) -> None:
+        if self.followed:  # its window failed, or was never saved: nothing of it is committed
+            self.followed.feed.abort()
+            self.followed.thread.join()
+            self.followed = None
         self.workers.close()
+
+    def follow(self, window: Window, file: str, separator: bytes) -> Feed | None:
+        """A feed for the writer of a window exported alone, whose events are then converted and written to the table
+        while they are exported; the commit waits for send() of the file, which must be `file`. None when the lake
+        stage has stopped or no worker can run (the file is then loaded once it is in place, as any other)."""
+        if self.failure or self.followed:
+            return None
+        feed = self.workers.feed(separator)
+        if feed is None:
+            return None
+        followed = Followed(window, file, feed)
+        followed.thread = threading.Thread(target=self._write_followed, args=(followed,), name="lake", daemon=True)
+        followed.thread.start()
+        self.followed = followed
+        return feed
 
     @property
     def version(self) -> int | None:
@@ -229,7 +243,21 @@ class Lake:
             self.table_id = self.table.metadata().id
 
     def send(self, record: Export) -> None:
-        """load() for the pipeline: a failure is kept, said once, and stops the stage for the rest of the run."""
+        """load() for the pipeline, or the commit of a followed window: a failure is kept, said once, and stops the
+        stage for the rest of the run."""
+        followed, self.followed = self.followed, None
+        if followed and followed.window == record.window and not self.failure:
+            followed.feed.finish(record)
+            followed.thread.join()
+            if followed.version is not None:
+                self._record_load(record, followed.version, followed.began, len(followed.feed.processes), True)
+                warn_of_misfits(record.file, followed.misfits)
+                return
+            log.debug("Lake: %s was not converted while exported (%s); loading it from the file", record.file,
+                      followed.failure)
+        elif followed:
+            followed.feed.abort()
+            followed.thread.join()
         if self.failure:
             return
         try:
@@ -265,9 +293,7 @@ class Lake:
         recorded in the manifest."""
         window = record.window
         hours = set(hours_between(window.start, window.end)) if hours is None else hours
-        metadata = {f"{METADATA}.file": record.file, f"{METADATA}.sha256": record.sha256,
-                    f"{METADATA}.window": f"{record.start}-{record.end}",
-                    f"{METADATA}.policy": json.dumps(record.policy, sort_keys=True) if record.policy else "none"}
+        metadata = commit_metadata(record.file, window, record.policy)
         began = time.monotonic()
         for attempt in range(1, COMMIT_ATTEMPTS + 1):
             try:
@@ -279,12 +305,17 @@ class Lake:
                     raise LakeError(f"the lake at {self.target.label}: {COMMIT_ATTEMPTS} commits in a row met "
                                     "another writer's; the next run loads the file") from None
                 self.sleep(attempt)
+        return self._record_load(record, self.table.version(), began, processes, False, len(hours))
+
+    def _record_load(self, record: Export, version: int, began: float, processes: int, followed: bool,
+                     hours: int | None = None) -> LakeLoad:
+        """The manifest's line for a commit of the file's events, and the log's."""
         line = LakeLoad(start=record.start, end=record.end, file=record.file, sha256=record.sha256,
-                        lake=self.target.label, table_id=self.table_id, version=self.table.version(),
-                        loaded_at=iso_utc(now_utc()))
+                        lake=self.target.label, table_id=self.table_id, version=version, loaded_at=iso_utc(now_utc()))
         append_manifest(self.data_dir / MANIFEST_NAME, line)
-        log.info("Lake: %s loaded as version %d of %s (%d hour(s), %.1fs, converted by %d process(es))", record.file,
-                 line.version, self.target.label, len(hours), time.monotonic() - began, processes)
+        log.info("Lake: %s loaded as version %d of %s (%d hour(s), %.1fs, converted by %d process(es)%s)", record.file,
+                 line.version, self.target.label, record.window.hours if hours is None else hours,
+                 time.monotonic() - began, processes, " while exporting" if followed else "")
         return line
 
     def loaded_keys(self) -> set[bytes]:
@@ -328,10 +359,33 @@ class Lake:
             if batches.failure is not None:  # what went wrong reading the file, not what delta-rs made of it
                 raise batches.failure from None
             raise
-        if counts.get("misfits"):
-            log.warning("Lake: %s: %d value(s) did not fit their column's type and are kept as JSON in other_fields",
-                        record.file, counts["misfits"])
+        warn_of_misfits(record.file, counts.get("misfits", 0))
         return self.workers.used
+
+    def _write_followed(self, followed: Followed) -> None:
+        """The lake's thread for a followed window: one commit of its events as they are converted, made only once
+        its file is in place as the one expected; any failure gives the conversion up and commits nothing."""
+        import pyarrow as pa
+        from deltalake import CommitProperties, write_deltalake
+
+        from lake_schema import SCHEMA
+
+        window = followed.window
+        batches = Remembering(followed_batches(followed))
+        try:
+            with self._described(f"write {followed.file} to"):
+                write_deltalake(self.table, pa.RecordBatchReader.from_batches(SCHEMA, batches), mode="overwrite",
+                                predicate=hours_predicate(set(hours_between(window.start, window.end))),
+                                writer_properties=writer_properties(),
+                                commit_properties=CommitProperties(
+                                    custom_metadata=commit_metadata(followed.file, window, self.policy)))
+            followed.version = self.table.version()
+        except BaseException as exc:  # noqa: BLE001 - on the lake's own thread: the file is loaded instead
+            cause = batches.failure or exc  # what went wrong on the way, not what delta-rs made of it
+            followed.failure = f"{type(cause).__name__}: {cause}"
+            followed.feed.abort()
+            with contextlib.suppress(Exception):
+                self.table.update_incremental()  # another writer's commit, if that was the failure
 
     def _check_schema(self) -> None:
         from lake_schema import SCHEMA
@@ -344,6 +398,18 @@ class Lake:
 
     def _described(self, doing: str):
         return described(self.target, doing)
+
+
+def warn_of_misfits(file: str, misfits: int) -> None:
+    if misfits:
+        log.warning("Lake: %s: %d value(s) did not fit their column's type and are kept as JSON in other_fields",
+                    file, misfits)
+
+
+def commit_metadata(file: str, window: Window, policy: dict | None) -> dict[str, str]:
+    """What a commit says of itself in the table's history: the file, the window and the field rules' policy."""
+    return {f"{METADATA}.file": file, f"{METADATA}.window": window.label,
+            f"{METADATA}.policy": json.dumps(policy, sort_keys=True) if policy else "none"}
 
 
 def writer_properties():
@@ -376,10 +442,6 @@ class LakeConflict(Exception):
     """Another writer committed first: the commit is tried again."""
 
 
-class FileChanged(Exception):
-    """A file whose bytes are not the ones recorded: nothing of it is committed."""
-
-
 class described:
     """delta-rs's and the filesystem's errors as one LakeError line that names the table and no secret."""
 
@@ -404,107 +466,3 @@ def scrub(text: str, secrets: list[str]) -> str:
     for secret in secrets:
         text = text.replace(secret, "***")
     return re.sub(r"\?[^\s\"')]*", "?***", text)
-
-
-def latest_hours(records: list[Export], skip: set[dt.datetime]) -> list[tuple[Export, set[dt.datetime]]]:
-    """Each record with the hours it is the latest record of (manifest order), less `skip`; records left with no
-    hour are left out. Pure: the files are checked by the caller."""
-    latest: dict[dt.datetime, int] = {}
-    for index, record in enumerate(records):
-        for hour in hours_between(record.window.start, record.window.end):
-            latest[hour] = index
-    hours_of: dict[int, set] = {}
-    for hour, index in latest.items():
-        if hour not in skip:
-            hours_of.setdefault(index, set()).add(hour)
-    return [(records[index], hours_of[index]) for index in sorted(hours_of)]
-
-
-def hours_predicate(hours: set[dt.datetime]) -> str:
-    """The predicate of exactly these hours: export_date bounds (so untouched days are not even read), then each
-    run of consecutive hours as a range of export_hour."""
-    ordered = sorted(hours)
-    runs, first = [], ordered[0]
-    for previous, hour in zip(ordered, ordered[1:], strict=False):
-        if hour - previous != HOUR:
-            runs.append((first, previous))
-            first = hour
-    runs.append((first, ordered[-1]))
-    ranges = " OR ".join(f"(export_hour >= '{start:%Y-%m-%dT%H}:00:00Z' AND export_hour <= '{end:%Y-%m-%dT%H}:00:00Z')"
-                         for start, end in runs)
-    return f"export_date >= '{ordered[0]:%Y-%m-%d}' AND export_date <= '{ordered[-1]:%Y-%m-%d}' AND ({ranges})"
-
-
-def line_hours(record: Export) -> list[tuple[dt.datetime, int]]:
-    """The export hour of each run of the file's lines, in order: the member's hour, or the window's first hour for
-    a member that named none or named an hour outside the window."""
-    window = record.window
-    if record.runs is not None:
-        runs = [(hour_of(text) if text else None, count) for text, count in record.runs]
-    elif record.hours is not None:
-        runs = [(hour_of(text), count) for text, count in sorted(record.hours.items()) if count]
-    else:
-        log.warning("Lake: %s does not record its events' hours; all of them go under %s", record.file,
-                    format_hour(window.start))
-        runs = [(window.start, record.events)]
-    return [(hour if hour is not None and window.start <= hour <= window.end else window.start, count)
-            for hour, count in runs]
-
-
-def record_batches(path: Path, record: Export, hours: set[dt.datetime], check_sha256: bool, workers: Workers,
-                   counts: dict):
-    """The file's events as record batches of the hours wanted, values that did not fit their type counted in
-    `counts`; FileChanged, before the commit, when the file's bytes are not the recorded ones or its lines do not
-    add up to its events."""
-    import pyarrow as pa
-
-    from lake_schema import with_hours
-
-    runs = line_hours(record)
-    wanted = pa.array(sorted(hours), pa.timestamp("us", tz="UTC"))
-    every_hour = set(hours) >= {hour for hour, _ in runs}
-    before = stamp(path)
-    if check_sha256 and file_sha256(path) != record.sha256:
-        raise FileChanged(f"{record.file} is not the file recorded (its sha256 differs)")
-    count = 0
-    for events, misfits in workers.converted(path):
-        batch_runs = take_runs(runs, events.num_rows)
-        if batch_runs is None:
-            raise FileChanged(f"{record.file} holds more events than the {record.events} recorded")
-        batch = with_hours(events, batch_runs)
-        count += events.num_rows
-        counts["misfits"] = counts.get("misfits", 0) + misfits
-        yield batch if every_hour else only_hours(batch, wanted)
-    if count != record.events or stamp(path) != before:
-        raise FileChanged(f"{record.file} is not the file recorded (its events differ, or it changed while read)")
-
-
-def only_hours(batch, wanted):
-    """The rows of the hours wanted (a file some of whose hours a later file holds)."""
-    import pyarrow.compute as pc  # only here: Arrow's compute functions cost the exporter 11 MB
-
-    return batch.filter(pc.is_in(batch.column("export_hour"), wanted))
-
-
-def stamp(path: Path) -> tuple[int, int, int]:
-    """What tells a file changed while it was read: its inode, size and time of change."""
-    status = path.stat()
-    return status.st_ino, status.st_size, status.st_mtime_ns
-
-
-
-def take_runs(runs: list[tuple[dt.datetime, int]], lines: int) -> list[tuple[dt.datetime, int]] | None:
-    """The runs of the next `lines` lines, taken off the front of `runs`; None when there are not enough."""
-    taken = []
-    while lines:
-        if not runs:
-            return None
-        hour, count = runs[0]
-        used = min(count, lines)
-        taken.append((hour, used))
-        lines -= used
-        if used == count:
-            runs.pop(0)
-        else:
-            runs[0] = (hour, count - used)
-    return taken

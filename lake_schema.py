@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import struct
 
 import pyarrow as pa
 
@@ -34,6 +35,7 @@ ARROW_TYPE = {"timestamp": UTC_MICROS, "integer": pa.int64(), "float": pa.float6
 OTHER_FIELDS, ABSENT_FIELDS, EXPORT_HOUR, EXPORT_DATE = "other_fields", "absent_fields", "export_hour", "export_date"
 # The metadata of a converted batch: the values kept in other_fields, and the empty batch that ends a file.
 MISFITS, END = b"misfits", b"end"
+FRAME = struct.Struct("<Q")  # the length of each frame of text streamed to a conversion worker (lake_convert.Feed)
 
 
 def column_of(key: str) -> str:

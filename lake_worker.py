@@ -33,6 +33,7 @@ from lake_schema import (
     DOCUMENTED,
     END,
     EVENT_SCHEMA,
+    FRAME,
     KIND_OF,
     MISFITS,
     OTHER_FIELDS,
@@ -61,12 +62,17 @@ NEWLINE, COMMA = ord("\n"), ord(",")
 
 
 def serve(worker: int, workers: int) -> None:
-    """A worker: for each path read on standard input, its owned chunks' record batches on standard output."""
-    out = sys.stdout.buffer
-    for job in sys.stdin.buffer:
-        path, chunk_bytes = json.loads(job)
+    """A worker: for each job read on standard input, its record batches on standard output.
+
+    A job is `["path", chunk_bytes]`, a file whose owned chunks it converts, or `[null, lines_file]`, text streamed
+    after it in frames (see lake_convert.Feed) until an empty one.
+    """
+    source, out = sys.stdin.buffer, sys.stdout.buffer
+    for job in iter(source.readline, b""):
+        path, detail = json.loads(job)
+        batches = framed_batches(source, detail) if path is None else owned_batches(Path(path), worker, workers, detail)
         sink = pa.ipc.new_stream(out, EVENT_SCHEMA)  # not closed on a failure: the stream then ends unfinished
-        for batch, misfits in owned_batches(Path(path), worker, workers, chunk_bytes):
+        for batch, misfits in batches:
             sink.write_batch(batch, custom_metadata={MISFITS: str(misfits)})
             out.flush()
         sink.write_batch(pa.RecordBatch.from_pylist([], EVENT_SCHEMA), custom_metadata={END: b"1"})
@@ -79,12 +85,27 @@ def owned_batches(path: Path, worker: int, workers: int, chunk_bytes: int):
     converter = Converter()
     lines_file = ".jsonl" in path.name
     for text in owned_chunks(path, worker, workers, chunk_bytes):
-        before = converter.misfits
-        array, count = array_of(text, lines_file)
-        batch = converter.events_of_array(array, count) if array else None
-        if batch is None:
-            batch = converter.events(event_lines_of(text))
-        yield batch, converter.misfits - before
+        yield converted(converter, text, lines_file)
+
+
+def framed_batches(source, lines_file: bool):
+    """(record batch, misfits) of each frame of text read from `source`, until an empty frame."""
+    converter = Converter()
+    while size := FRAME.unpack(read_fully(source, FRAME.size) or FRAME.pack(0))[0]:
+        text = read_fully(source, size)
+        if len(text) != size:
+            raise EOFError(f"a frame of {size} bytes ended after {len(text)}")
+        yield converted(converter, text, lines_file)
+
+
+def converted(converter: Converter, text: bytes, lines_file: bool) -> tuple[pa.RecordBatch, int]:
+    """Some lines of an exported file as a record batch, decoded whole where they allow it, and its misfits."""
+    before = converter.misfits
+    array, count = array_of(text, lines_file)
+    batch = converter.events_of_array(array, count) if array else None
+    if batch is None:
+        batch = converter.events(event_lines_of(text))
+    return batch, converter.misfits - before
 
 
 def owned_chunks(path: Path, worker: int, workers: int, chunk_bytes: int):

@@ -22,7 +22,6 @@ from store import (
     JOURNAL_NAME,
     LOCK_NAME,
     MANIFEST_NAME,
-    TEMP_PREFIX,
     Export,
     file_key,
     file_state,
@@ -33,6 +32,7 @@ from store import (
     write_atomically,
 )
 from summary import Outcome
+from temp_files import TEMP_PREFIX
 from windows import HOUR, format_hour
 
 HISTORY_DAYS = 7  # the same hour on up to this many days before is an hour's expectation

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from export_api import Retryable, TooLarge, fetch, halves_of_too_large, open_session
-from store import rename_temp_file
+from temp_files import rename_temp_file
 from windows import HOUR, Window
 
 log = logging.getLogger("fetch_data")

@@ -21,7 +21,6 @@ import logging
 import os
 import re
 import stat
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,8 +36,6 @@ log = logging.getLogger("fetch_data")
 MANIFEST_NAME = "manifest.jsonl"
 LOCK_NAME = ".lock"
 JOURNAL_NAME = ".ampl-commit.json"  # the manifest line of the file being put in place, until it is appended
-TEMP_PREFIX = ".ampl-"
-TEMP_SUFFIX = ".part"
 READ_BYTES = 1 << 20
 
 Count = Annotated[int, msgspec.Meta(ge=0)]
@@ -476,51 +473,6 @@ def finish_interrupted_save(data_dir: Path) -> None:
         log.warning("Recording %s, put in place by a run that stopped before recording it", record.file)
         append_manifest(manifest, record)
     journal.unlink()
-
-
-class Stopping(Exception):
-    """The run is stopping on a signal: no new temporary file may appear."""
-
-
-_temp_files = threading.Lock()
-_stopping = threading.Event()
-
-
-def create_temp_file(path: Path, mode: str = "xb"):
-    """A new temporary file (named TEMP_PREFIX...TEMP_SUFFIX), unless the run is stopping.
-
-    The download threads create them; a stop signal, handled on the main thread, first closes this door (under
-    the same lock), then removes what exists. A thread can then no longer leave a file behind between the two.
-    """
-    with _temp_files:
-        if _stopping.is_set():
-            raise Stopping("the run is stopping")
-        return open(path, mode)  # noqa: SIM115 - the caller owns the file
-
-
-def rename_temp_file(source: Path, target: Path) -> None:
-    """A temporary file under another temporary name, unless the run is stopping (the same door as creation)."""
-    with _temp_files:
-        if _stopping.is_set():
-            raise Stopping("the run is stopping")
-        os.replace(source, target)
-
-
-def stop_creating_temp_files() -> None:
-    with _temp_files:
-        _stopping.set()
-
-
-def remove_temp_files(data_dir: Path, quiet: bool = False) -> None:
-    """Temporary files of an interrupted run; the lock guarantees no running export owns them."""
-    for stray in data_dir.glob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}"):
-        if not quiet:
-            log.warning("Removing %s, left by an interrupted run", stray)
-        stray.unlink(missing_ok=True)
-
-
-def temp_path_for(data_dir: Path, window: Window, extension: str) -> Path:
-    return data_dir / f"{TEMP_PREFIX}{window.label}-{uuid.uuid4().hex[:8]}{extension}{TEMP_SUFFIX}"
 
 
 # The folder, the lock and the exporter's own files.

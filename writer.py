@@ -13,7 +13,7 @@ from pathlib import Path
 
 from isal import isal_zlib
 
-from store import create_temp_file
+from temp_files import create_temp_file
 from windows import Window, format_hour, hours_between
 
 GZIP_LEVEL = isal_zlib.ISAL_DEFAULT_COMPRESSION
@@ -26,6 +26,9 @@ class EventWriter:
 
     A mark/rollback pair undoes the events of a download that turned out damaged; with --gzip a mark closes
     the current gzip member so the file can be cut there (a gzip file may hold several members).
+
+    A follower (the lake's lake_convert.Feed) is handed every batch as it is written, and told when the file is
+    complete; a rollback or a discard makes it give up, as it cannot take events back.
     """
 
     def __init__(self, path: Path, file_format: str, gzip: bool):
@@ -38,6 +41,7 @@ class EventWriter:
         self._member_open = False
         self.tally = Tally()  # the counts of what is written, undone with it by rollback
         self._sink = Sink(create_temp_file(path))  # the writer owns it until finish() or discard()
+        self.follower = None  # see the class's description
 
     @property
     def separator(self) -> bytes:
@@ -46,6 +50,13 @@ class EventWriter:
 
     def write_events(self, lines: list[bytes]) -> None:
         self.write_block(self.separator.join(lines), len(lines))
+
+    def write_batch(self, block: bytes, hour: dt.datetime | None, types: list[str]) -> None:
+        """A batch of one archive member's events (see write_block), counted under the member's hour."""
+        self.write_block(block, len(types))
+        self.tally.add(hour, types)
+        if self.follower:
+            self.follower.put(block, len(types), hour)
 
     def write_block(self, block: bytes, count: int) -> None:
         """`count` events, joined by `separator` (a batch of one is its line itself: a long line is not copied)."""
@@ -64,6 +75,7 @@ class EventWriter:
         return self.size, self.events, self._sink.hash_copy(), self.tally.copy()
 
     def rollback(self, mark: tuple) -> None:
+        self._give_up_following()
         self.size, self.events, hash_copy, tally = mark
         self.tally = tally.copy()
         self._sink.truncate(self.size, hash_copy)
@@ -77,10 +89,18 @@ class EventWriter:
         if self._gzip and (self._member_open or self.size == 0):
             self._raw(self._compressor.flush())
         self._sink.finish()
+        if self.follower:
+            self.follower.end()
 
     def discard(self) -> None:
+        self._give_up_following()
         self._sink.close()
         self.path.unlink(missing_ok=True)
+
+    def _give_up_following(self) -> None:
+        if self.follower:
+            self.follower.abort()
+            self.follower = None
 
     def sha256(self) -> str:
         return self._sink.hash_copy().hexdigest()

@@ -232,7 +232,7 @@ def messages_the_program_prints(tmp_path, monkeypatch, caplog) -> list[str]:
                                tmp_path / "manifest.jsonl"))
     typo = parse_settings(["--date", "2025-11-01", "--drop-fields", "ip_adress"], keys, now)
     typo.field_rules.apply([b'{"ip_address":"10.0.0.1"}'])
-    fd.warn_of_unmatched_rules(typo)
+    typo.field_rules.warn_of_unmatched()
     messages += [record.getMessage() for record in caplog.records]
     return messages
 

@@ -3,6 +3,7 @@
 
 import datetime as dt
 import json
+import logging
 import os
 import random
 import re
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
@@ -17,6 +19,7 @@ import pytest
 from deltalake import DeltaTable
 
 import lake
+import lake_batches
 import lake_schema
 import lake_worker
 import processes
@@ -231,13 +234,13 @@ def test_events_that_each_bring_new_keys_do_not_grow_the_decoder_without_bound()
 def test_export_hours_come_from_the_members_never_from_event_times():
     record = lake.Export(start="20251101T00", end="20251101T02", file="f.json", events=6, size=1, sha256="0" * 64,
                          finished_at="x", hours={"20251101T00": 2, "20251101T02": 1, "20251103T07": 3})
-    assert lake.line_hours(record) == [(hour("20251101T00"), 2), (hour("20251101T02"), 1), (hour("20251101T00"), 3)]
+    assert lake_batches.line_hours(record) == [(hour("20251101T00"), 2), (hour("20251101T02"), 1), (hour("20251101T00"), 3)]
     record.runs = [(None, 2), ("20251101T01", 4)]
-    assert lake.line_hours(record) == [(hour("20251101T00"), 2), (hour("20251101T01"), 4)]
-    runs = lake.line_hours(record)
-    assert lake.take_runs(runs, 3) == [(hour("20251101T00"), 2), (hour("20251101T01"), 1)]
-    assert lake.take_runs(runs, 3) == [(hour("20251101T01"), 3)]
-    assert lake.take_runs(runs, 1) is None
+    assert lake_batches.line_hours(record) == [(hour("20251101T00"), 2), (hour("20251101T01"), 4)]
+    runs = lake_batches.line_hours(record)
+    assert lake_batches.take_runs(runs, 3) == [(hour("20251101T00"), 2), (hour("20251101T01"), 1)]
+    assert lake_batches.take_runs(runs, 3) == [(hour("20251101T01"), 3)]
+    assert lake_batches.take_runs(runs, 1) is None
 
 
 @pytest.mark.parametrize("change", ["append", "replace"])
@@ -251,7 +254,7 @@ def test_a_file_that_changes_while_it_is_read_is_not_committed(tmp_path, workers
     record = lake.Export(start="20251101T00", end="20251101T00", file="f.jsonl", events=400, size=1, sha256="0" * 64,
                          finished_at="x", runs=[("20251101T00", 400)])
     pool = lake_convert.Workers(workers, 8192)
-    batches = lake.record_batches(path, record, {hour("20251101T00")}, False, pool, {})
+    batches = lake_batches.record_batches(path, record, {hour("20251101T00")}, False, pool, {})
     next(batches)
     if change == "append":
         with open(path, "ab") as file:
@@ -259,14 +262,14 @@ def test_a_file_that_changes_while_it_is_read_is_not_committed(tmp_path, workers
     else:  # the same bytes in a new file put in its place, as an editor saves: only the inode tells
         (tmp_path / "new").write_bytes(path.read_bytes())
         os.replace(tmp_path / "new", path)
-    with pytest.raises(lake.FileChanged):
+    with pytest.raises(lake_batches.FileChanged):
         list(batches)
     pool.close()
 
 
 def test_the_predicate_names_exactly_the_hours_replaced():
     hours = {hour("20251101T22"), hour("20251101T23"), hour("20251102T00"), hour("20251102T05")}
-    assert lake.hours_predicate(hours) == (
+    assert lake_batches.hours_predicate(hours) == (
         "export_date >= '2025-11-01' AND export_date <= '2025-11-02' AND "
         "((export_hour >= '2025-11-01T22:00:00Z' AND export_hour <= '2025-11-02T00:00:00Z') OR "
         "(export_hour >= '2025-11-02T05:00:00Z' AND export_hour <= '2025-11-02T05:00:00Z'))"
@@ -279,7 +282,7 @@ def test_each_hour_goes_in_from_its_latest_file():
 
     day, refetched, next_day = (record("a", "20251101T00", "20251101T23"), record("b", "20251101T05", "20251101T06"),
                                 record("c", "20251102T00", "20251102T23"))
-    latest = lake.latest_hours([day, refetched, next_day], skip={hour("20251102T03")})
+    latest = lake_batches.latest_hours([day, refetched, next_day], skip={hour("20251102T03")})
     assert [(r.file, len(hours)) for r, hours in latest] == [("a", 22), ("b", 2), ("c", 23)]
     assert hour("20251101T05") not in latest[0][1]
 
@@ -461,6 +464,58 @@ def test_a_stop_signal_during_a_load_ends_the_run_and_its_workers(cli, standin, 
     assert result.returncode == 0, result.stderr
     rows = table_rows(table)
     assert canonical(map(lake_schema.rebuild_event, rows)) == canonical(exported_events(cli))
+
+
+@pytest.mark.skipif(processes.worker_count() < 2, reason="conversion workers need two cores")
+def test_a_day_exported_alone_goes_into_the_lake_while_it_is_written(cli, standin):
+    standin.events_per_part = 400  # 17 MB: chunks for both workers
+    result = cli.run(*DAY, "--lake", "lake")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"Lake: \S+ loaded as version 1 of .* \(24 hour\(s\), [\d.]+s, converted by 2 process\(es\) "
+                     r"while exporting\)", result.stderr)
+    rows = table_rows(cli.workdir / "lake")
+    assert canonical(map(lake_schema.rebuild_event, rows)) == canonical(exported_events(cli))
+    (export,) = [line for line in cli.manifest() if "events" in line]
+    per_hour = {}
+    for row in rows:
+        per_hour[f"{row['export_hour']:%Y%m%dT%H}"] = per_hour.get(f"{row['export_hour']:%Y%m%dT%H}", 0) + 1
+    assert per_hour == export["hours"]
+    assert DeltaTable(cli.workdir / "lake").history(1)[0]["amplitude_export.file"] == export["file"]
+
+
+def test_a_damaged_archive_gives_up_the_conversion_while_exporting_and_the_file_is_loaded(cli, standin):
+    standin.events_per_part = 400
+    standin.add_fault("corrupt_crc")
+    result = cli.run(*DAY, "--lake", "lake")
+    assert result.returncode == 0, result.stderr
+    assert "the archive is damaged" in result.stderr and "while exporting)" not in result.stderr
+    assert "loaded as version 1 of" in result.stderr
+    assert canonical(map(lake_schema.rebuild_event, table_rows(cli.workdir / "lake"))) == canonical(exported_events(cli))
+
+
+def test_a_window_that_fails_while_its_events_are_converted_commits_nothing(cli, standin):
+    standin.events_per_part = 400
+    standin.add_fault("bad_line", times=5)
+    result = cli.run(*DAY, "--lake", "lake")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert DeltaTable(cli.workdir / "lake").version() == 0 and lake_lines(cli) == []
+    assert not conversion_workers(cli) and cli.leftovers() == []
+
+
+@pytest.mark.skipif(processes.worker_count() < 2, reason="conversion workers need two cores")
+def test_a_stop_signal_while_a_day_is_converted_as_it_is_written_leaves_the_table_as_it_was(cli, standin):
+    standin.events_per_part = 1000  # 43 MB: long enough to be stopped halfway
+    victim = cli.start(*DAY, "--lake", "lake")
+    wait_for(lambda: any(part.stat().st_size > 8 << 20 for part in cli.leftovers()) or victim.poll() is not None,
+             timeout=60)
+    victim.send_signal(signal.SIGTERM)
+    _, stderr = victim.communicate(timeout=30)
+    assert victim.returncode == 1 and "Stopped by SIGTERM" in stderr and "Traceback" not in stderr
+    wait_for(lambda: not conversion_workers(cli), timeout=60)
+    assert DeltaTable(cli.workdir / "lake").version() == 0
+    result = cli.run(*DAY, "--lake", "lake")
+    assert result.returncode == 0, result.stderr
+    assert canonical(map(lake_schema.rebuild_event, table_rows(cli.workdir / "lake"))) == canonical(exported_events(cli))
 
 
 def conversion_workers(cli) -> list[int]:
@@ -676,6 +731,87 @@ def test_a_commit_that_meets_another_writers_is_tried_again(tmp_path, monkeypatc
     loaded = table.load(record)
     assert len(calls) == 3 and waits == [1, 2]
     assert loaded.version == 1 and DeltaTable(tmp_path / "t").to_pyarrow_table().num_rows == 50
+
+
+# A window exported alone: converted while it is written, committed once its file is in place.
+
+
+def followed_lake(tmp_path, lines: list[bytes]):
+    """A lake over a data folder holding the events as f.jsonl, and the export record of that file."""
+    import store
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "f.jsonl").write_bytes(b"".join(line + b"\n" for line in lines))
+    record = store.Export(start="20251101T00", end="20251101T01", file="f.jsonl", events=len(lines),
+                          size=(data / "f.jsonl").stat().st_size, sha256="0" * 64, finished_at="x",
+                          hours={"20251101T00": len(lines) // 2, "20251101T01": len(lines) - len(lines) // 2})
+    table = lake.Lake(lake.LakeTarget(str(tmp_path / "t"), str(tmp_path / "t")), data, None)
+    table.workers.chunk_bytes = 32 << 10  # many chunks for each worker
+    table.open()
+    return table, record
+
+
+def put_in_blocks(feed, lines: list[bytes], every=100, between=None):
+    """The lines as the writer hands them over: blocks of `every`, the first half under T00, the rest under T01."""
+    for start in range(0, len(lines), every):
+        part = lines[start:start + every]
+        feed.put(b"\n".join(part), len(part), hour("20251101T00" if start < len(lines) // 2 else "20251101T01"))
+        if between:
+            between(start)
+    feed.end()
+
+
+@pytest.mark.skipif(processes.worker_count() < 2, reason="conversion workers need two cores")
+@pytest.mark.parametrize("expected_file, damage", [("f.jsonl", None), ("f.jsonl", "kill"),
+                                                    pytest.param("g.jsonl", None, marks=pytest.mark.slow),
+                                                    pytest.param("f.jsonl", "abort", marks=pytest.mark.slow)])
+def test_a_window_followed_while_exported_is_committed_once_its_file_is_the_one_expected(tmp_path, caplog,
+                                                                                       expected_file, damage):
+    """The commit made as the events were converted; else (another file, a worker killed, an abort from the writer)
+    nothing of that, and the file loaded once it is in place: the same rows either way, and the writer never held up."""
+    caplog.set_level(logging.DEBUG, logger="fetch_data")
+    lines = standin_lines(1200)
+    table, record = followed_lake(tmp_path, lines)
+    feed = table.follow(record.window, expected_file, b"\n")
+    assert feed is not None
+
+    def hurt(start):
+        if start == 400 and damage == "kill":
+            os.kill(feed.processes[1].pid, signal.SIGKILL)
+        elif start == 400 and damage == "abort":  # a damaged archive: the writer rolls back
+            feed.abort()
+
+    put_in_blocks(feed, lines, between=hurt)
+    table.send(record)
+    assert table.failure is None and table.version == 1
+    rows = table_rows(tmp_path / "t")
+    assert canonical(map(lake_schema.rebuild_event, rows)) == canonical(map(json.loads, lines))
+    assert sum(row["export_hour"] == hour("20251101T01") for row in rows) == 600
+    while_exporting = [r.message for r in caplog.records if "loaded as version" in r.message and
+                       r.message.endswith("while exporting)")]
+    assert bool(while_exporting) == (expected_file == "f.jsonl" and damage is None)
+    assert [line["version"] for line in lake_lines_of(tmp_path / "data")] == [1]
+    table.close()
+    assert not processes_running(Path(lake.__file__).with_name("lake_worker.py"))
+
+
+def test_a_followed_window_never_saved_commits_nothing(tmp_path):
+    """An export that failed after some events were converted (its window failed, the run was ending)."""
+    lines = standin_lines(1000)
+    table, record = followed_lake(tmp_path, lines)
+    feed = table.follow(record.window, "f.jsonl", b"\n")
+    if feed is None:
+        pytest.skip("conversion workers need two cores")
+    for start in range(0, 500, 100):
+        feed.put(b"\n".join(lines[start:start + 100]), 100, hour("20251101T00"))
+    table.close()
+    assert DeltaTable(tmp_path / "t").version() == 0 and lake_lines_of(tmp_path / "data") == []
+
+
+def lake_lines_of(data) -> list[dict]:
+    manifest = data / "manifest.jsonl"
+    return [json.loads(line) for line in manifest.read_text().splitlines()] if manifest.exists() else []
 
 
 def test_delta_errors_come_without_colour_codes_or_secrets():

@@ -307,7 +307,7 @@ def test_a_write_that_fails_mid_archive_frees_the_workers_at_once(tmp_path, work
         def mark(self):
             return 0
 
-        def write_block(self, block, count):
+        def write_batch(self, block, hour, types):
             raise OSError(28, "No space left on device")
 
     reader = ArchiveReader(workers.rules, MAX_EVENT_BYTES, workers)

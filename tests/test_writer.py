@@ -48,6 +48,49 @@ def test_a_block_joined_by_the_separator_is_written_as_its_lines_would_be(tmp_pa
     assert blocks.events == 3 and blocks.sha256() == hashlib.sha256(content).hexdigest()
 
 
+class Follower:
+    """What the lake's feed is told, in order."""
+
+    def __init__(self):
+        self.told = []
+
+    def put(self, block, count, hour):
+        self.told.append(("put", block, count, hour))
+
+    def end(self):
+        self.told.append(("end",))
+
+    def abort(self):
+        self.told.append(("abort",))
+
+
+@pytest.mark.parametrize("use_gzip", [False, True])
+def test_a_follower_gets_each_batch_as_the_file_does_and_the_end_once_the_file_is_complete(tmp_path, use_gzip):
+    out = EventWriter(tmp_path / "out.part", "json", use_gzip)
+    out.follower = follower = Follower()
+    out.write_batch(out.separator.join(LINES[:2]), "T00", ["a", "b"])
+    out.write_batch(b"", None, [])  # blank lines only
+    out.write_batch(LINES[2], None, ["c"])
+    assert follower.told == [("put", b'{"a":1},\n' + LINES[1], 2, "T00"), ("put", b"", 0, None), ("put", LINES[2], 1, None)]
+    out.finish()
+    assert follower.told[-1] == ("end",) and len(follower.told) == 4
+    assert dict(out.tally.hours) == {"T00": 2} and out.tally.unplaced == 1 and out.tally.runs == [["T00", 2], [None, 1]]
+
+
+@pytest.mark.parametrize("undo", ["rollback", "discard"])
+def test_a_follower_gives_up_when_written_events_are_taken_back(tmp_path, undo):
+    out = EventWriter(tmp_path / "out.part", "jsonl", False)
+    out.follower = follower = Follower()
+    mark = out.mark()
+    out.write_batch(LINES[0], "T00", ["a"])
+    out.rollback(mark) if undo == "rollback" else out.discard()
+    assert follower.told[-1] == ("abort",) and out.follower is None
+    if undo == "rollback":  # the events fetched again go to the file only
+        out.write_batch(LINES[0], "T00", ["a"])
+        out.finish()
+        assert follower.told == [("put", LINES[0], 1, "T00"), ("abort",)]
+
+
 @pytest.mark.parametrize("use_gzip", [False, True])
 def test_an_empty_export_is_an_empty_array_or_an_empty_file(tmp_path, use_gzip):
     _, array = written(tmp_path, "json", use_gzip, [])
