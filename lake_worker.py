@@ -1,4 +1,5 @@
-"""A conversion worker: its chunks of an exported file as typed Arrow record batches (see lake_convert).
+"""A conversion worker: its chunks of an exported file, or frames of a file's text being written, as typed Arrow
+record batches (see lake_convert).
 
 A batch of lines is decoded at C speed (msgspec) into structs whose fields already have their column's Python
 type, with the property maps kept as the raw JSON text Amplitude sent. A line that does not fit (a string where a
@@ -6,8 +7,8 @@ number belongs, a key the schema does not name, a lone surrogate) is decoded len
 fit its column stays, as JSON text under its key, in `other_fields`. A documented key the event does not have is
 listed in `absent_fields`.
 
-Run as `python lake_worker.py WORKER WORKERS`, then one `["path", chunk_bytes]` a line on standard input (lake_convert
-does that). The exporter imports it too, to convert a small file itself.
+Run as `python lake_worker.py WORKER WORKERS`, then one job a line on standard input (lake_convert does that; see
+serve). The exporter imports it too, to convert a small file itself.
 """
 
 from __future__ import annotations
