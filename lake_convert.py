@@ -135,7 +135,6 @@ class Feed:
         self.workers = workers
         self.processes = list(workers.processes)
         self.separator = separator
-        self.events = 0
         self._chunk: list[bytes] = []
         self._chunk_size = 0
         self._chunk_runs: list[list] = []  # [hour, events] of the chunk being gathered, in order
@@ -157,7 +156,6 @@ class Feed:
             self._chunk_runs[-1][1] += count
         else:
             self._chunk_runs.append([hour, count])
-        self.events += count
         if self._chunk_size >= self.workers.chunk_bytes:
             self._send()
 
