@@ -181,14 +181,15 @@ def test_a_tls_failure_is_named_with_the_cause(cli, standin):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.quick
+# One bad input of each kind runs in the quick tier too: a credential, a date, a flag, a variable.
 @pytest.mark.parametrize(
     "args, env, message",
     [
-        (
+        pytest.param(
             (),
             {"AMP_API_KEY": None},
             "Error: AMP_API_KEY not set: put it in .env (looked in {here} and {beside}) or the environment; see .env.example",
+            marks=pytest.mark.quick,
         ),
         (
             (),
@@ -196,14 +197,16 @@ def test_a_tls_failure_is_named_with_the_cause(cli, standin):
             "Error: AMP_API_KEY and AMP_SECRET_KEY not set: put them in .env (looked in {here} and {beside}) or the "
             "environment; see .env.example",
         ),
-        (("--date", "2025-02-30"), {}, "Error: --date 2025-02-30: no such date or hour"),
+        pytest.param(("--date", "2025-02-30"), {}, "Error: --date 2025-02-30: no such date or hour",
+                     marks=pytest.mark.quick),
         (("--date", "2099-01-01"), {}, "Error: --date 2099-01-01: that UTC day has not ended yet"),
         (("--date", "2999-01-01"), {}, "Error: --date 2999-01-01: the year must be between 2000 and 2100"),
         (("--start", "0001-01-01", "--end", "2025-01-01"), {},
          "Error: --start 0001-01-01: the year must be between 2000 and 2100"),
         (("--workers", "9"), {}, "Error: --workers: must be between 1 and 5, got 9"),
-        ((), {"AMP_MAX_ATTEMPTS": "many"}, "Error: AMP_MAX_ATTEMPTS: expected a whole number, got 'many'"),
-        (("--nope",), {}, "Error: unrecognized arguments: --nope (see --help)"),
+        pytest.param((), {"AMP_MAX_ATTEMPTS": "many"}, "Error: AMP_MAX_ATTEMPTS: expected a whole number, got 'many'",
+                     marks=pytest.mark.quick),
+        pytest.param(("--nope",), {}, "Error: unrecognized arguments: --nope (see --help)", marks=pytest.mark.quick),
         (
             (),
             {"AMP_SECRET_KEY": "sécret"},
