@@ -76,6 +76,9 @@ class Export(Line, omit_defaults=True):
         super().__post_init__()
         for hour in (*(self.hours or ()), *(hour for hour, _ in self.runs or () if hour)):
             check_hour(hour)  # the report and the lake take these as real hours
+        for name, counts in (("hours", (self.hours or {}).values()), ("runs", [n for _, n in self.runs or ()])):
+            if counts and sum(counts) != self.events:  # the lake gives each line the hour of its run
+                raise ValueError(f"its {name} count {sum(counts)} events, not the {self.events} it records")
 
 
 class Upload(Line):

@@ -54,6 +54,8 @@ def test_an_export_line_and_an_upload_line_are_their_records():
         ({"hours": {"20251101T00": 3, "20251399T99": 5}}, "20251399T99: no such hour"),
         ({"runs": [["20251101T00", 2], ["20250230T01", 1]]}, "20250230T01: no such hour"),
         ({"runs": [["2025110100", 2]]}, "at `$.runs"),
+        ({"hours": {"20251101T00": 3, "20250101T00": 10**18}}, "its hours count 1000000000000000003 events, not the 3"),
+        ({"runs": [[None, 2], ["20251101T00", 2]]}, "its runs count 4 events, not the 3 it records"),
         ({"event_types": []}, "at `$.event_types`"),
     ],
 )
