@@ -483,6 +483,21 @@ def test_a_day_exported_alone_goes_into_the_lake_while_it_is_written(cli, standi
     assert DeltaTable(cli.workdir / "lake").history(1)[0]["amplitude_export.file"] == export["file"]
 
 
+@pytest.mark.skipif(processes.worker_count() < 2, reason="conversion workers need two cores")
+@pytest.mark.parametrize("options", [("--format", "jsonl", "--gzip"), ("--workers", "3"), ("--gzip",)])
+def test_a_day_of_any_layout_or_over_several_connections_goes_in_while_it_is_written(cli, standin, options):
+    import gzip
+
+    standin.events_per_part = 100
+    result = cli.run(*DAY, *options, "--lake", "lake")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"converted by 2 process\(es\) while exporting\)", result.stderr)
+    (output,) = cli.outputs()
+    text = (gzip.decompress if output.name.endswith(".gz") else bytes)(output.read_bytes()).decode()
+    events = [json.loads(line) for line in text.splitlines()] if ".jsonl" in output.name else json.loads(text)
+    assert canonical(map(lake_schema.rebuild_event, table_rows(cli.workdir / "lake"))) == canonical(events)
+
+
 def test_a_damaged_archive_gives_up_the_conversion_while_exporting_and_the_file_is_loaded(cli, standin):
     standin.events_per_part = 400
     standin.add_fault("corrupt_crc")
