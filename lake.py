@@ -190,8 +190,7 @@ class Lake:
 
     def close(self) -> None:
         if self.followed:  # its window failed, or was never saved: nothing of it is committed
-            self.followed.feed.abort()
-            self.followed.thread.join()
+            self.followed.give_up()
             self.followed = None
         self.workers.close()
 
@@ -256,8 +255,7 @@ class Lake:
             log.debug("Lake: %s was not converted while exported (%s); loading it from the file", record.file,
                       followed.failure)
         elif followed:
-            followed.feed.abort()
-            followed.thread.join()
+            followed.give_up()
         if self.failure:
             return
         try:

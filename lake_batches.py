@@ -36,6 +36,11 @@ class Followed:
     misfits: int = 0  # values kept in other_fields
     failure: str | None = None  # why it was given up
 
+    def give_up(self) -> None:
+        """Nothing of it is committed: the workers are ended, and the lake's thread with them."""
+        self.feed.abort()
+        self.thread.join()
+
 
 def followed_batches(followed: Followed):
     """The followed window's record batches with their export hours; at the end, once the file is in place (the
