@@ -5,7 +5,8 @@
     .venv/bin/python bench/bench.py --sizes 250 --rate-mb 4 --variants json,workers4 --no-in-memory
 
 Builds a realistic archive per size (cached in bench/work/), serves it from the stand-in on 127.0.0.1, then runs
-every command once per round, alternating, and prints medians of wall time and peak RSS (see LAUNCHER) with ratios.
+every command once per round, in a rotated order (see in_turn), and prints medians of wall time and peak RSS (see
+LAUNCHER) with ratios.
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ def measure_size(size_mb: int, events: int, base_url: str, args) -> list[dict]:
         ]
     results = {name: [] for name in commands}
     for round_number in range(args.rounds):
-        for name, command in commands.items():
+        for name, command in in_turn(commands, round_number):
             shutil.rmtree(out, ignore_errors=True)
             out.mkdir(parents=True)
             results[name].append(run_measured(command, env))
@@ -150,6 +151,18 @@ def measure_size(size_mb: int, events: int, base_url: str, args) -> list[dict]:
             "vs_floor": wall / floor[0], "vs_in_memory": wall / in_memory[0] if in_memory else None,
         })
     return rows
+
+
+def in_turn(commands: dict, round_number: int) -> list:
+    """The commands in a rotated order, each round starting one further on.
+
+    A command's time depends on the one before it: this machine's disk is slower or quicker to write just after a
+    large file was written or deleted (the first command after the floor came out a sixth slower, whichever it
+    was). Rotating gives every command each place in turn, so no command always follows the same one.
+    """
+    items = list(commands.items())
+    start = round_number % len(items)
+    return items[start:] + items[:start]
 
 
 def with_bytecode_cache(env: dict) -> None:
