@@ -143,6 +143,7 @@ def run(settings, outcome: Outcome) -> int:
     elif found := manifest_range(manifest):
         start, end = found
     else:
+        name_damaged_lines(manifest)  # lines that are not records may be why none is found
         raise UsageError(f"{manifest} records no export: give a range with --date or --start/--end")
     target = settings.report_file or data_dir / "report.html"
     refuse_own_file(target, data_dir, manifest)
@@ -178,6 +179,10 @@ def manifest_range(manifest: Path) -> tuple[dt.datetime, dt.datetime] | None:
             first = head.start if first is None or head.start < first else first
             last = head.end if last is None or head.end > last else last
     return (hour_of(first), hour_of(last)) if first else None
+
+
+def name_damaged_lines(manifest: Path) -> None:
+    collections.deque(scan_manifest(manifest, repair=False), maxlen=0)
 
 
 def build_report(manifest: Path, data_dir: Path, start: dt.datetime, end: dt.datetime, verify: bool) -> Report:

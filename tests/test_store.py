@@ -130,6 +130,16 @@ def test_a_second_file_in_the_same_minute_takes_the_name_with_its_window(tmp_pat
 # A damaged manifest line, end to end: one clear line in every mode, never a traceback.
 
 
+def test_a_report_of_a_manifest_with_no_record_names_its_damaged_lines(cli):
+    cli.data.mkdir(parents=True)
+    (cli.data / "manifest.jsonl").write_bytes(b'\xff\xfe not json\n{"a":1}\n[1,2]\n')
+    result = cli.run("--report")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    for number in (1, 2, 3):
+        assert f"{cli.data / 'manifest.jsonl'} line {number} is not a manifest record (" in result.stderr
+    assert "records no export: give a range with --date or --start/--end" in result.stderr
+
+
 @pytest.mark.parametrize(
     "damage",
     [b'{"start":"20251101T00","end":"20251101T23","file":"x.json","events":"x","bytes":1,"sha256":"' + SHA.encode() +
