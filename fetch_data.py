@@ -144,7 +144,7 @@ def run_mode(settings: Settings) -> Outcome:
             report.run(dataclasses.replace(settings, explicit_range=True), Outcome("report"))
             log.info("Demo: open %s in a browser", settings.data_dir / "report.html")
         return outcome
-    except UsageError as exc:
+    except (UsageError, store.NotOwnFile) as exc:  # a link among its own files is met at the start, before requests
         return failed(outcome, EXIT_USAGE, str(exc))
     except ExportError as exc:
         return failed(outcome, EXIT_FAILED, str(exc))

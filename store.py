@@ -28,7 +28,7 @@ from typing import Annotated
 
 import msgspec
 
-from errors import ExportError, first_text_line
+from errors import ExportError, UsageError, first_text_line
 from windows import FIRST_YEAR, LAST_YEAR, Window, format_hour, hours_between, iso_utc
 
 log = logging.getLogger("fetch_data")
@@ -409,7 +409,7 @@ def save_window(finished: Finished, data_dir: Path, names, policy: dict | None, 
         fsync_folder(data_dir)
         append_manifest(data_dir / MANIFEST_NAME, record)
         journal.unlink()
-    except ExportError:  # a link planted where the journal goes
+    except NotOwnFile:  # a link planted where the journal goes
         finished.temp_path.unlink(missing_ok=True)
         raise
     except OSError as exc:
@@ -484,9 +484,14 @@ def finish_interrupted_save(data_dir: Path) -> None:
 def ensure_folder(path: Path) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ExportError(f"cannot create the data folder {path}: {exc.strerror or exc}") from None
+    except OSError as exc:  # a file where the folder goes, a folder not ours: the setting is for the user to fix
+        raise UsageError(f"cannot create the data folder {path}: {exc.strerror or exc}") from None
     return path
+
+
+class NotOwnFile(ExportError):
+    """A link or a special file where the exporter keeps a file of its own: bad input for the user to remove (exit 2
+    when found before any request; found while saving a window, it fails that window)."""
 
 
 @contextlib.contextmanager
@@ -516,11 +521,11 @@ def open_own_file(path: Path, flags: int, mode: str):
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise ExportError(f"{path} is a symbolic link; remove it: the exporter does not follow links there") from None
+            raise NotOwnFile(f"{path} is a symbolic link; remove it: the exporter does not follow links there") from None
         raise
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise ExportError(f"{path} is not a regular file; remove it")
+        raise NotOwnFile(f"{path} is not a regular file; remove it")
     os.set_blocking(fd, True)
     return os.fdopen(fd, mode)
 

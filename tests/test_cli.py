@@ -250,10 +250,10 @@ def test_data_and_log_folders_are_settings(cli, standin):
     assert not cli.data.exists()
 
 
-def test_a_data_folder_that_cannot_be_made_fails_cleanly(cli, standin):
+def test_a_data_folder_that_cannot_be_made_is_a_usage_error(cli, standin):
     (cli.workdir / "blocked").write_text("a file, not a folder")
     result = cli.run(*DAY, "--data-dir", "blocked/data")
-    assert result.returncode == 1
+    assert result.returncode == 2 and standin.requests == []
     assert f"cannot create the data folder {cli.workdir / 'blocked' / 'data'}: Not a directory" in result.stderr
     assert "Traceback" not in result.stderr
 

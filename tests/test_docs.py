@@ -202,6 +202,8 @@ def messages_the_program_prints(tmp_path, monkeypatch, caplog) -> list[str]:
     messages.append(failure(archive.check_events, [b"not json"], "m.json.gz", 3, simdjson.Parser()))
     (tmp_path / "manifest.jsonl").symlink_to(tmp_path / "elsewhere")
     messages.append(failure(read_own_file, tmp_path / "manifest.jsonl"))
+    (tmp_path / ".ampl-commit.json").mkdir()
+    messages.append(failure(read_own_file, tmp_path / ".ampl-commit.json"))
     with hold_lock(tmp_path):
         with pytest.raises(ExportError) as caught, hold_lock(tmp_path):
             pass

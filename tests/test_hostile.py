@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import re
 import threading
 import time
@@ -292,10 +293,25 @@ def test_a_symbolic_link_among_the_exporters_own_files_is_refused(cli, standin, 
     cli.data.mkdir()
     (cli.data / name).symlink_to(target)
     result = cli.run(*DAY)
-    assert result.returncode == 1
+    assert result.returncode == 2  # bad input: nothing is requested
     assert f"{name} is a symbolic link; remove it" in result.stderr
+    assert standin.requests == []
     assert "Traceback" not in result.stderr
     assert target.read_bytes() == b"do not touch\n"
+
+
+@pytest.mark.parametrize("name, make, modes", [(".lock", os.mkfifo, [()]),  # a report takes no lock
+                                               ("manifest.jsonl", os.mkfifo, [(), ("--report",)]),
+                                               ("manifest.jsonl", os.mkdir, [(), ("--report",)])])
+def test_a_special_file_among_the_exporters_own_files_is_refused_without_hanging(cli, standin, name, make, modes):
+    cli.data.mkdir()
+    make(cli.data / name)
+    for mode in modes:
+        result = cli.run(*DAY, *mode)
+        assert result.returncode == 2, result.stderr
+        assert f"{name} is not a regular file; remove it" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert standin.requests == []
 
 
 def test_a_journal_link_is_refused_when_the_window_is_saved_too(cli, standin, tmp_path):
