@@ -37,6 +37,9 @@ MANIFEST_NAME = "manifest.jsonl"
 LOCK_NAME = ".lock"
 JOURNAL_NAME = ".ampl-commit.json"  # the manifest line of the file being put in place, until it is appended
 READ_BYTES = 1 << 20
+# The longest manifest line read: a record of the longest window (a year of hours) takes well under a megabyte, and
+# a longer line (hand-made, or a file that is not a manifest) must not be read whole into memory.
+MAX_LINE_BYTES = 16 << 20
 
 Count = Annotated[int, msgspec.Meta(ge=0)]
 Sha256 = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
@@ -213,7 +216,7 @@ def scan_manifest(manifest: Path, repair: bool = True, warn: bool = True,
     Only a run holding the lock may `repair`: for a reader without it (the report), the last line may be one an
     export is appending right now. A line that is not a record is named, by file and line number, and skipped.
     """
-    for number, line in manifest_lines(manifest, repair):
+    for number, line in manifest_lines(manifest, repair, warn):
         if between and (found := OWN_WINDOW.match(line)) and (
                 found.group(1).decode() > between[1] or found.group(2).decode() < between[0]):
             continue
@@ -228,7 +231,8 @@ def scan_manifest(manifest: Path, repair: bool = True, warn: bool = True,
 OWN_WINDOW = re.compile(rb'\{"start":"(\d{8}T\d{2})","end":"(\d{8}T\d{2})"')
 
 
-def manifest_lines(manifest: Path, repair: bool) -> Iterator[tuple[int, bytes]]:
+def manifest_lines(manifest: Path, repair: bool, warn: bool = False) -> Iterator[tuple[int, bytes]]:
+    """(line number, line) of each complete line; a line longer than MAX_LINE_BYTES is skipped, named if `warn`."""
     try:
         source = open_own_file(manifest, os.O_RDONLY, "rb")
     except FileNotFoundError:
@@ -238,12 +242,27 @@ def manifest_lines(manifest: Path, repair: bool) -> Iterator[tuple[int, bytes]]:
         if complete < os.fstat(source.fileno()).st_size:
             cut_torn_line(manifest, complete, repair)
         source.seek(0)
-        remaining = complete
-        for number, line in enumerate(source, 1):
-            if remaining <= 0:
-                break
+        remaining, number = complete, 0
+        while remaining > 0 and (line := source.readline(min(remaining, MAX_LINE_BYTES + 1))):
+            number += 1
             remaining -= len(line)
-            yield number, line
+            if len(line) <= MAX_LINE_BYTES:
+                yield number, line
+                continue
+            if not line.endswith(b"\n"):
+                remaining -= skip_line(source)
+            if warn:
+                warn_of_line(manifest, number, ValueError(f"longer than {MAX_LINE_BYTES} bytes"))
+
+
+def skip_line(source) -> int:
+    """Read past the rest of a line, a block at a time; the bytes passed."""
+    passed = 0
+    while block := source.readline(READ_BYTES):
+        passed += len(block)
+        if block.endswith(b"\n"):
+            break
+    return passed
 
 
 def records_of(scanned: Iterator[tuple[Head, bytes, int]], manifest: Path | None = None):
@@ -460,7 +479,7 @@ def finish_interrupted_save(data_dir: Path) -> None:
     journal = data_dir / JOURNAL_NAME
     content = read_own_file(journal)
     if content is None:
-        return []
+        return
     try:
         record = parse_line(content)
     except ValueError:
@@ -531,10 +550,11 @@ def open_own_file(path: Path, flags: int, mode: str):
 
 
 def read_own_file(path: Path) -> bytes | None:
-    """The content of one of the exporter's own files, or None when there is none."""
+    """The content of one of the exporter's own files (at most a record's longest and a byte, so that a huge file
+    put there is never read whole), or None when there is none."""
     try:
         with open_own_file(path, os.O_RDONLY, "rb") as source:
-            return source.read()
+            return source.read(MAX_LINE_BYTES + 1)
     except FileNotFoundError:
         return None
 

@@ -81,6 +81,31 @@ def test_read_manifest_names_each_bad_line_by_file_and_number_and_keeps_the_rest
     assert all(w.endswith("; ignored") for w in warnings)
 
 
+def test_a_line_longer_than_any_record_is_named_and_skipped_without_being_read_whole(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(store, "MAX_LINE_BYTES", 400)
+    monkeypatch.setattr(store, "READ_BYTES", 64)
+    exact = line(GOOD | {"note": ""})
+    exact = line(GOOD | {"note": "x" * (400 - len(exact) - 1)})  # with its newline, as long as a line may be
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_bytes(b"\n".join([line(GOOD), b"x" * 5000, exact, b"{" + b" " * 401, line(UPLOAD)]) + b"\n")
+    with caplog.at_level(logging.WARNING):
+        records = read_manifest(manifest)
+    assert [type(r).__name__ for r in records] == ["Export", "Export", "Upload"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{manifest} line {n} is not a manifest record (longer than 400 bytes); ignored" for n in (2, 4)]
+
+
+def test_a_huge_journal_is_not_read_whole(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(store, "MAX_LINE_BYTES", 400)
+    huge = line(GOOD)[:-1] + b" " * 5000 + b"}"  # a record only when read whole
+    (tmp_path / store.JOURNAL_NAME).write_bytes(huge)
+    assert store.read_own_file(tmp_path / store.JOURNAL_NAME) == huge[:401]
+    with caplog.at_level(logging.WARNING):
+        store.finish_interrupted_save(tmp_path)
+    assert "does not describe a file in the data folder; ignored" in caplog.text
+    assert not (tmp_path / store.JOURNAL_NAME).exists() and not (tmp_path / store.MANIFEST_NAME).exists()
+
+
 def test_a_torn_last_line_is_cut_only_by_a_run_holding_the_lock(tmp_path):
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_bytes(line(GOOD) + b"\n" + line(GOOD)[:20])
