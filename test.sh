@@ -58,7 +58,8 @@ run_pytest() {
 }
 
 if [ "$quick" = 1 ]; then
-    run_pytest -m "(quick or not e2e) and not slow and not azure and not browser" "$@"
+    # On one process per core (up to 4): the unit tests and the few end-to-end runs are independent of each other.
+    run_pytest -n auto --maxprocesses 4 -m "(quick or not e2e) and not slow and not azure and not browser" "$@"
     exit
 fi
 

@@ -27,19 +27,27 @@ def wait_for(condition, timeout: float = 30):
     return value
 
 
-def processes_running(script: Path) -> list[int]:
-    """The processes running `script` (a test's own copy of the project's file names only its own processes); an
+def processes_running(script: Path, parent: int | None = None) -> list[int]:
+    """The processes running `script`, children of `parent` only if given (a test's own copy of the project's file
+    names only its own processes; the project's own file is shared by the tests running at once, on other cores); an
     ended one whose parent has not reaped it has no command line and is not among them."""
     wanted = str(script).encode()
     found = []
     for entry in os.listdir("/proc"):
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
-                if wanted in cmdline.read().split(b"\0"):
-                    found.append(int(entry))
+                if wanted not in cmdline.read().split(b"\0"):
+                    continue
+            if parent is None or parent_of(int(entry)) == parent:
+                found.append(int(entry))
         except (OSError, ValueError):
             pass
     return found
+
+
+def parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as stat:
+        return int(stat.read().rsplit(b")", 1)[1].split()[1])  # the name before ")" may hold spaces
 
 
 def hour(text: str) -> dt.datetime:

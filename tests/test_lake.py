@@ -808,7 +808,7 @@ def test_a_window_followed_while_exported_is_committed_once_its_file_is_the_one_
     assert bool(while_exporting) == (expected_file == "f.jsonl" and damage is None)
     assert [line["version"] for line in lake_lines_of(tmp_path / "data")] == [1]
     table.close()
-    assert not processes_running(Path(lake.__file__).with_name("lake_worker.py"))
+    assert not processes_running(Path(lake.__file__).with_name("lake_worker.py"), parent=os.getpid())
 
 
 def test_a_followed_window_never_saved_commits_nothing(tmp_path):
