@@ -503,7 +503,7 @@ def finish_interrupted_save(data_dir: Path) -> None:
 def ensure_folder(path: Path) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:  # a file where the folder goes, a folder not ours: the setting is for the user to fix
+    except OSError as exc:  # a file stands at its path, or no permission: the setting is for the user to fix
         raise UsageError(f"cannot create the data folder {path}: {exc.strerror or exc}") from None
     return path
 
