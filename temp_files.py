@@ -55,8 +55,17 @@ def stop_creating_temp_files() -> None:
 
 
 def remove_temp_files(data_dir: Path, quiet: bool = False) -> None:
-    """Temporary files of an interrupted run; the lock guarantees no running export owns them."""
+    """Temporary files of an interrupted run; the lock guarantees no running export owns them.
+
+    Only regular files are the exporter's: a folder, a link or a pipe under such a name was put there by someone
+    else, and is left alone (a new temporary name never meets it: each holds a random part, and is created only
+    if it does not exist).
+    """
     for stray in data_dir.glob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}"):
+        if not stray.is_file() or stray.is_symlink():
+            if not quiet:
+                log.warning("%s is not a file the exporter made; left alone", stray)
+            continue
         if not quiet:
             log.warning("Removing %s, left by an interrupted run", stray)
         stray.unlink(missing_ok=True)

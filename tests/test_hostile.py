@@ -314,6 +314,27 @@ def test_a_special_file_among_the_exporters_own_files_is_refused_without_hanging
     assert standin.requests == []
 
 
+def test_only_regular_files_under_temporary_names_are_removed(cli, standin, tmp_path):
+    """A folder, a link or a pipe named like a temporary file was put there by someone else: left alone."""
+    target = tmp_path / "precious.txt"
+    target.write_bytes(b"do not touch\n")
+    cli.data.mkdir()
+    (cli.data / ".ampl-folder.part").mkdir()
+    (cli.data / ".ampl-folder.part" / "inner").write_bytes(b"kept")
+    (cli.data / ".ampl-link.part").symlink_to(target)
+    os.mkfifo(cli.data / ".ampl-pipe.part")
+    (cli.data / ".ampl-stale.json.part").write_bytes(b"[\n{}")
+    result = cli.run(*DAY)
+    assert result.returncode == 0, result.stderr
+    for name in (".ampl-folder.part", ".ampl-link.part", ".ampl-pipe.part"):
+        assert f"{cli.data / name} is not a file the exporter made; left alone" in result.stderr
+    assert f"Removing {cli.data / '.ampl-stale.json.part'}, left by an interrupted run" in result.stderr
+    assert not (cli.data / ".ampl-stale.json.part").exists()
+    assert (cli.data / ".ampl-folder.part" / "inner").read_bytes() == b"kept"
+    assert (cli.data / ".ampl-link.part").is_symlink() and target.read_bytes() == b"do not touch\n"
+    assert len(cli.outputs()) == 1
+
+
 def test_a_journal_link_is_refused_when_the_window_is_saved_too(cli, standin, tmp_path):
     """The journal is written just before the rename: a link planted there is never followed."""
     target = tmp_path / "precious.txt"
