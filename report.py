@@ -162,7 +162,10 @@ def run(settings, outcome: Outcome) -> int:
 
 
 def refuse_own_file(target: Path, data_dir: Path, manifest: Path) -> None:
-    """The report never replaces the manifest, the exporter's own files or an export file."""
+    """The report never replaces the manifest, the exporter's own files, an export file or a folder."""
+    if target.is_dir():
+        raise UsageError(f"{target} is a folder, not a file the report can be written to; remove it, or name another "
+                         "file with --report-file")
     if target.resolve().parent != data_dir.resolve():
         return
     own = {MANIFEST_NAME, LOCK_NAME, JOURNAL_NAME}

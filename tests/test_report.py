@@ -161,6 +161,16 @@ def test_the_report_never_cuts_a_manifest_line_an_export_may_be_appending(cli, s
     assert manifest.read_bytes() == before
 
 
+@pytest.mark.parametrize("flags", [(), ("--report-file", "out/r.html")])
+def test_a_folder_where_the_report_goes_is_a_usage_error(cli, standin, flags):
+    target = cli.workdir / "out" / "r.html" if flags else cli.data / "report.html"
+    target.mkdir(parents=True)
+    result = cli.run("--report", *DAY, *flags)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{target} is a folder, not a file the report can be written to" in result.stderr
+    assert target.is_dir() and list(target.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
