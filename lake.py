@@ -49,6 +49,8 @@ COMMIT_ATTEMPTS = 5
 METADATA = "amplitude_export"  # the prefix of this program's keys in a commit's metadata
 AZURE_URI = re.compile(r"^(?:az|abfss?)://", re.IGNORECASE)
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # delta-rs colours the arrows of its error chains
+# Where delta-rs appends the Rust backtrace of an error ("   0: <unknown>", "   1: ..."): not for the user's eyes.
+RUST_BACKTRACE = re.compile(r"\n\s*0: ")
 
 
 class LakeError(ExportError):
@@ -109,8 +111,9 @@ def check_table_folder(folder: Path, own_folders: dict[str, Path]) -> None:
             raise ValueError(f"{folder} {where}: give the table a folder of its own (a VACUUM removes files the "
                              "table does not know)")
     try:
-        if folder.exists() and not folder.is_dir():
-            raise ValueError(f"{folder} is a file, not a folder")
+        nearest = next(path for path in (folder, *folder.parents) if path.exists())  # the root exists
+        if not nearest.is_dir():
+            raise ValueError(f"{nearest} is a file, not a folder")
         other_files = folder.is_dir() and not (folder / "_delta_log").is_dir() and any(folder.iterdir())
     except OSError as exc:
         raise ValueError(f"{folder}: {exc.strerror or exc}") from None
@@ -453,7 +456,8 @@ class described:
         if exc is None or isinstance(exc, (LakeError, LakeConflict, FileChanged, UsageError, KeyboardInterrupt)):
             return False
         if isinstance(exc, Exception):
-            reason = scrub(" ".join(ANSI_ESCAPE.sub("", str(exc)).split())[:300], self.target.secrets())
+            text = RUST_BACKTRACE.split(ANSI_ESCAPE.sub("", str(exc)), maxsplit=1)[0]
+            reason = scrub(" ".join(text.split())[:300], self.target.secrets())
             raise LakeError(f"cannot {self.doing} the lake at {self.target.label}: {type(exc).__name__}: {reason}") \
                 from None
         return False

@@ -604,7 +604,8 @@ def test_a_bad_lake_setting_is_one_line_and_exit_2(cli, standin):
     assert standin.requests == []
 
 
-@pytest.mark.parametrize("where", ["data folder", "its parent", "log folder", "a file", "a folder of files", "empty"])
+@pytest.mark.parametrize("where", ["data folder", "its parent", "log folder", "a file", "inside a file",
+                                   "a folder of files", "empty"])
 def test_a_table_folder_that_is_not_its_own_is_refused_before_any_request(cli, standin, where):
     """A VACUUM (here or in another engine) removes the files a table does not know: the exporter's own folders,
     or anything else, must never be inside one."""
@@ -616,6 +617,7 @@ def test_a_table_folder_that_is_not_its_own_is_refused_before_any_request(cli, s
         "its parent": (str(cli.data.parent), f"{cli.data.parent} holds the data folder, {cli.data}"),
         "log folder": ("logs-here", "is the log folder"),
         "a file": ("notes.txt", "notes.txt is a file, not a folder"),
+        "inside a file": ("notes.txt/t/u", "notes.txt is a file, not a folder"),
         "a folder of files": ("papers", "papers holds files and no Delta table"),
         "empty": ("", "--lake: empty"),
     }[where]
@@ -624,6 +626,18 @@ def test_a_table_folder_that_is_not_its_own_is_refused_before_any_request(cli, s
     assert result.stderr.startswith("Error: --lake: ") and message in result.stderr
     assert len(result.stderr.splitlines()) == 1 and standin.requests == []
     assert not list(cli.workdir.rglob("_delta_log")) and (cli.workdir / "papers" / "draft.txt").exists()
+
+
+def test_a_damaged_table_log_fails_the_run_with_one_line_before_any_request(cli, standin):
+    log_folder = cli.workdir / "t" / "_delta_log"
+    log_folder.mkdir(parents=True)
+    (log_folder / "00000000000000000000.json").write_text("not a commit\n")
+    result = cli.run(*DAY, "--lake", "t")
+    assert result.returncode == 1 and standin.requests == []
+    errors = [line for line in result.stderr.splitlines() if " - ERROR - " in line]
+    assert len(errors) == 1 and f"cannot open the lake at {cli.workdir / 't'}: " in errors[0]
+    assert "<unknown>" not in result.stderr and "Traceback" not in result.stderr
+    assert (log_folder / "00000000000000000000.json").read_text() == "not a commit\n"
 
 
 def test_a_table_folder_that_cannot_be_read_is_one_reason(tmp_path, monkeypatch):
@@ -834,6 +848,16 @@ def test_delta_errors_come_without_colour_codes_or_secrets():
     with pytest.raises(lake.LakeError) as caught, lake.described(target, "open"):
         raise OSError("Generic error \x1b[31m↳\x1b[0m key S3cr3tKey\n  refused")
     assert str(caught.value) == "cannot open the lake at /t: OSError: Generic error ↳ key *** refused"
+
+
+def test_delta_errors_come_without_the_rust_backtrace():
+    """What delta-rs says of a damaged log, for one: the message, then the frames of its stack."""
+    target = lake.LakeTarget("/t", "/t", {})
+    with pytest.raises(lake.LakeError) as caught, lake.described(target, "open"):
+        raise OSError("Kernel error: Json error: Encountered unexpected 'g' whilst parsing value\n   0: <unknown>\n"
+                      "   1: <unknown>\n  12: start_thread\n             at ./nptl/pthread_create.c:442:8\n")
+    assert str(caught.value) == ("cannot open the lake at /t: OSError: Kernel error: Json error: Encountered "
+                                 "unexpected 'g' whilst parsing value")
 
 
 def test_secrets_are_scrubbed_from_delta_errors():
