@@ -19,7 +19,18 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from store import MANIFEST_NAME, Export, Upload, append_manifest, file_key, is_intact, records_of, scan_manifest, uploaded_keys
+from store import (
+    MANIFEST_NAME,
+    Export,
+    Upload,
+    append_manifest,
+    file_key,
+    is_intact,
+    open_data_file,
+    records_of,
+    scan_manifest,
+    uploaded_keys,
+)
 from urls import plain_http_elsewhere
 from windows import iso_utc, now_utc
 
@@ -222,7 +233,7 @@ class Uploader:
             if self._already_there(blob, blob_name, expected):
                 return False
             digest, blocks = hashlib.sha256(), []
-            with open(path, "rb") as source:
+            with open_data_file(path) as source:
                 while chunk := source.read(BLOCK_BYTES):
                     digest.update(chunk)
                     blocks.append(BlobBlock(base64.b64encode(f"{len(blocks):08d}".encode()).decode()))

@@ -384,12 +384,23 @@ def file_sha256(path: Path) -> str | None:
     """The sha256 of a file's bytes, read a megabyte at a time; None when it cannot be read."""
     digest = hashlib.sha256()
     try:
-        with open(path, "rb") as source:
+        with open_data_file(path) as source:
             while chunk := source.read(READ_BYTES):
                 digest.update(chunk)
     except OSError:
         return None
     return digest.hexdigest()
+
+
+def open_data_file(path: Path):
+    """A data file opened for reading, never through a link and only if it is a regular file: checked by type and
+    size just before, it could have been swapped meanwhile for a link to /dev/zero, which never ends, or a pipe."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
 # Putting a finished window in place.

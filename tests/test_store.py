@@ -4,6 +4,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import os
 import re
 
 import pytest
@@ -104,6 +105,19 @@ def test_a_huge_journal_is_not_read_whole(tmp_path, caplog, monkeypatch):
         store.finish_interrupted_save(tmp_path)
     assert "does not describe a file in the data folder; ignored" in caplog.text
     assert not (tmp_path / store.JOURNAL_NAME).exists() and not (tmp_path / store.MANIFEST_NAME).exists()
+
+
+def test_a_data_file_is_read_only_if_it_is_still_a_regular_file(tmp_path):
+    """Checked by type and size first, a file may be swapped meanwhile for a link to /dev/zero or a pipe, which
+    would never end: such a file is not read."""
+    (tmp_path / "a.json").write_bytes(b"[]\n")
+    (tmp_path / "zero.json").symlink_to("/dev/zero")
+    os.mkfifo(tmp_path / "pipe.json")
+    assert store.file_sha256(tmp_path / "a.json") == hashlib.sha256(b"[]\n").hexdigest()
+    for name in ("zero.json", "pipe.json"):
+        assert store.file_sha256(tmp_path / name) is None
+        with pytest.raises(OSError):
+            store.open_data_file(tmp_path / name)
 
 
 def test_a_torn_last_line_is_cut_only_by_a_run_holding_the_lock(tmp_path):
