@@ -26,7 +26,7 @@ from store import (
     append_manifest,
     file_key,
     is_intact,
-    open_data_file,
+    open_regular,
     records_of,
     scan_manifest,
     uploaded_keys,
@@ -233,7 +233,7 @@ class Uploader:
             if self._already_there(blob, blob_name, expected):
                 return False
             digest, blocks = hashlib.sha256(), []
-            with open_data_file(path) as source:
+            with open_regular(path) as source:
                 while chunk := source.read(BLOCK_BYTES):
                     digest.update(chunk)
                     blocks.append(BlobBlock(base64.b64encode(f"{len(blocks):08d}".encode()).decode()))

@@ -42,7 +42,7 @@ from lake_schema import (
     UTC_MICROS,
     column_of,
 )
-from store import open_data_file
+from store import open_regular
 
 TIME_TEXT = r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\.\d{6}$"  # how Amplitude writes its times, and only that
 TIME_BYTES, TIME_SPACE = 26, 10  # the length of that text, and where its one space is
@@ -111,7 +111,7 @@ def converted(converter: Converter, text: bytes, lines_file: bool) -> tuple[pa.R
 
 
 def owned_chunks(path: Path, worker: int, workers: int, chunk_bytes: int):
-    with open_data_file(path) as raw:
+    with open_regular(path) as raw:
         source = raw
         if path.name.endswith(".gz"):
             from isal import igzip

@@ -384,23 +384,12 @@ def file_sha256(path: Path) -> str | None:
     """The sha256 of a file's bytes, read a megabyte at a time; None when it cannot be read."""
     digest = hashlib.sha256()
     try:
-        with open_data_file(path) as source:
+        with open_regular(path) as source:
             while chunk := source.read(READ_BYTES):
                 digest.update(chunk)
     except OSError:
         return None
     return digest.hexdigest()
-
-
-def open_data_file(path: Path):
-    """A data file opened for reading, never through a link and only if it is a regular file: checked by type and
-    size just before, it could have been swapped meanwhile for a link to /dev/zero, which never ends, or a pipe."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise OSError(errno.EINVAL, "not a regular file", str(path))
-    os.set_blocking(fd, True)
-    return os.fdopen(fd, "rb")
 
 
 # Putting a finished window in place.
@@ -548,14 +537,29 @@ def open_own_file(path: Path, flags: int, mode: str):
     would hang it. Both are refused before a byte is read or written.
     """
     try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+        return open_regular(path, flags, mode)
+    except NotRegular:
+        raise NotOwnFile(f"{path} is not a regular file; remove it") from None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise NotOwnFile(f"{path} is a symbolic link; remove it: the exporter does not follow links there") from None
         raise
+
+
+class NotRegular(OSError):
+    """A folder, a pipe or a device where a regular file was expected."""
+
+
+def open_regular(path: Path, flags: int = os.O_RDONLY, mode: str = "rb"):
+    """A regular file opened without following a link (a link raises ELOOP) and without blocking on a pipe.
+
+    For a data file, checked by type and size just before, this also means that one swapped meanwhile for a link to
+    /dev/zero, which never ends, or for a pipe is not read.
+    """
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise NotOwnFile(f"{path} is not a regular file; remove it")
+        raise NotRegular(errno.EINVAL, "not a regular file", str(path))
     os.set_blocking(fd, True)
     return os.fdopen(fd, mode)
 
