@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from own_files import open_regular
 from store import (
     MANIFEST_NAME,
     Export,
@@ -26,7 +27,6 @@ from store import (
     append_manifest,
     file_key,
     is_intact,
-    open_regular,
     records_of,
     scan_manifest,
     uploaded_keys,

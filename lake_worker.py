@@ -42,7 +42,7 @@ from lake_schema import (
     UTC_MICROS,
     column_of,
 )
-from store import open_regular
+from own_files import open_regular
 
 TIME_TEXT = r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\.\d{6}$"  # how Amplitude writes its times, and only that
 TIME_BYTES, TIME_SPACE = 26, 10  # the length of that text, and where its one space is

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from errors import EXIT_FAILED, EXIT_OK, ExportError, UsageError
 from logging_config import printable
+from own_files import write_atomically
 from store import (
     JOURNAL_NAME,
     LOCK_NAME,
@@ -29,7 +30,6 @@ from store import (
     iterate_exports,
     scan_manifest,
     uploaded_keys,
-    write_atomically,
 )
 from summary import Outcome
 from temp_files import TEMP_PREFIX

@@ -21,7 +21,6 @@ import logging
 import os
 import re
 import stat
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -29,6 +28,7 @@ from typing import Annotated
 import msgspec
 
 from errors import ExportError, UsageError, first_text_line
+from own_files import NotOwnFile, fsync_folder, open_own_file, open_regular, write_durably
 from windows import FIRST_YEAR, LAST_YEAR, Window, format_hour, hours_between, iso_utc
 
 log = logging.getLogger("fetch_data")
@@ -508,11 +508,6 @@ def ensure_folder(path: Path) -> Path:
     return path
 
 
-class NotOwnFile(ExportError):
-    """A link or a special file where the exporter keeps a file of its own: bad input for the user to remove (exit 2
-    when found before any request; found while saving a window, it fails that window)."""
-
-
 @contextlib.contextmanager
 def hold_lock(data_dir: Path):
     """One run per data folder; the kernel drops the lock when a run dies, so a crash never blocks the next."""
@@ -530,40 +525,6 @@ def hold_lock(data_dir: Path):
         yield
 
 
-def open_own_file(path: Path, flags: int, mode: str):
-    """Open one of the exporter's own files (lock, manifest, journal) in the data folder, never through a link.
-
-    A symbolic link planted there would make a run write, truncate or upload a file outside the folder; a FIFO
-    would hang it. Both are refused before a byte is read or written.
-    """
-    try:
-        return open_regular(path, flags, mode)
-    except NotRegular:
-        raise NotOwnFile(f"{path} is not a regular file; remove it") from None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise NotOwnFile(f"{path} is a symbolic link; remove it: the exporter does not follow links there") from None
-        raise
-
-
-class NotRegular(OSError):
-    """A folder, a pipe or a device where a regular file was expected."""
-
-
-def open_regular(path: Path, flags: int = os.O_RDONLY, mode: str = "rb"):
-    """A regular file opened without following a link (a link raises ELOOP) and without blocking on a pipe.
-
-    For a data file, checked by type and size just before, this also means that one swapped meanwhile for a link to
-    /dev/zero, which never ends, or for a pipe is not read.
-    """
-    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise NotRegular(errno.EINVAL, "not a regular file", str(path))
-    os.set_blocking(fd, True)
-    return os.fdopen(fd, mode)
-
-
 def read_own_file(path: Path) -> bytes | None:
     """The content of one of the exporter's own files (at most a record's longest and a byte, so that a huge file
     put there is never read whole), or None when there is none."""
@@ -572,29 +533,3 @@ def read_own_file(path: Path) -> bytes | None:
             return source.read(MAX_LINE_BYTES + 1)
     except FileNotFoundError:
         return None
-
-
-def write_durably(path: Path, content: bytes) -> None:
-    with open_own_file(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "wb") as out:
-        out.write(content)
-        out.flush()
-        os.fsync(out.fileno())
-
-
-def write_atomically(path: Path, content: bytes) -> None:
-    """Write beside `path`, fsync, rename over it: a reader sees the old file or the new one, never half of one."""
-    temp = path.with_name(f".{path.name}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write_durably(temp, content)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-
-
-def fsync_folder(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-

@@ -9,6 +9,7 @@ import re
 
 import pytest
 
+import own_files
 import store
 from store import Export, Finished, Upload, parse_line, read_manifest, save_window
 from tests.conftest import hour
@@ -117,7 +118,7 @@ def test_a_data_file_is_read_only_if_it_is_still_a_regular_file(tmp_path):
     for name in ("zero.json", "pipe.json"):
         assert store.file_sha256(tmp_path / name) is None
         with pytest.raises(OSError):
-            store.open_regular(tmp_path / name)
+            own_files.open_regular(tmp_path / name)
 
 
 def test_a_torn_last_line_is_cut_only_by_a_run_holding_the_lock(tmp_path):
