@@ -36,7 +36,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 PROJECT_MODULES = ("errors", "windows", "settings", "export_api", "archive", "writer", "store", "logging_config", "progress",
                    "report", "summary", "monitor", "urls", "field_rules", "azure_upload", "lake", "lake_schema", "lake_convert",
-                   "lake_worker", "lake_batches", "spans", "processes", "member_workers", "temp_files")
+                   "lake_worker", "lake_batches", "spans", "processes", "member_workers", "temp_files", "own_files",
+                   "amplitude_standin")
 
 
 def explain_missing_import(missing: ImportError) -> str:

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+import fetch_data
 from tests.conftest import ROOT, copy_project
 
 MODULES = {path.stem: path for path in ROOT.glob("*.py")}
@@ -51,6 +52,11 @@ def test_each_file_reads_in_one_sitting():
     lengths = {name: len(path.read_text().splitlines()) for name, path in MODULES.items()}
     assert lengths["fetch_data"] <= 430
     assert {name: n for name, n in lengths.items() if n > 600} == {}
+
+
+def test_every_module_of_the_project_is_known_as_one():
+    """A missing module is named as a file of the project only if fetch_data.py knows it as one."""
+    assert set(fetch_data.PROJECT_MODULES) == set(MODULES) - {"fetch_data"}
 
 
 @pytest.mark.quick
