@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 import uuid
 from pathlib import Path
@@ -62,7 +63,7 @@ def remove_temp_files(data_dir: Path, quiet: bool = False) -> None:
     if it does not exist).
     """
     for stray in data_dir.glob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}"):
-        if not stray.is_file() or stray.is_symlink():
+        if not stat.S_ISREG(stray.lstat().st_mode):  # the entry itself, not what a link points to
             if not quiet:
                 log.warning("%s is not a file the exporter made; left alone", stray)
             continue
