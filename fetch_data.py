@@ -73,6 +73,7 @@ try:
     from logging_config import printable, setup_logging
     from member_workers import ArchiveReader, MemberWorkers
     from monitor import Watch
+    from own_files import NotOwnFile
     from progress import progress_bar
     from settings import Settings, load_environment, parse_settings
     from spans import Spans, leave_signals_to_main_thread
@@ -145,7 +146,7 @@ def run_mode(settings: Settings) -> Outcome:
             report.run(dataclasses.replace(settings, explicit_range=True), Outcome("report"))
             log.info("Demo: open %s in a browser", settings.data_dir / "report.html")
         return outcome
-    except (UsageError, store.NotOwnFile) as exc:  # a link among its own files is met at the start, before requests
+    except (UsageError, NotOwnFile) as exc:  # a link among its own files is met at the start, before requests
         return failed(outcome, EXIT_USAGE, str(exc))
     except ExportError as exc:
         return failed(outcome, EXIT_FAILED, str(exc))
