@@ -244,7 +244,7 @@ def describe_failure(exc: requests.RequestException, api: Api) -> str:
     if caused_by(requests.exceptions.ConnectTimeout):
         return f"no connection to {host} within {CONNECT_TIMEOUT:g}s (timeout)"
     if caused_by(requests.exceptions.ReadTimeout, socket.timeout):
-        return f"{host} sent nothing for {api.read_timeout:g}s (read timeout)"
+        return f"{host} went silent for {api.read_timeout:g}s (read timeout)"
     if caused_by(ConnectionRefusedError):
         return f"{host} refused the connection"
     certificate = caused_by(ssl.SSLCertVerificationError)

@@ -81,8 +81,18 @@ def test_a_stalled_server_is_a_timeout_and_retried(cli, standin):
     standin.add_fault("stall", seconds=3)
     result = cli.run(*DAY, "--read-timeout", "0.5")
     assert result.returncode == 0, result.stderr
-    assert "timeout" in result.stderr
+    assert "went silent for 0.5s (read timeout); waiting" in result.stderr
     assert only_output(cli).read_bytes() == as_array(standin.expected_lines(DAY_START, DAY_END))
+
+
+def test_a_body_that_stops_halfway_is_a_timeout_and_retried(cli, standin):
+    standin.add_fault("trickle", seconds=3)  # the answer's first byte, then silence longer than the timeout
+    result = cli.run(*DAY, "--read-timeout", "0.5")
+    assert result.returncode == 0, result.stderr
+    assert "went silent for 0.5s (read timeout); waiting" in result.stderr
+    assert len(standin.requests) == 2
+    assert only_output(cli).read_bytes() == as_array(standin.expected_lines(DAY_START, DAY_END))
+    assert cli.leftovers() == []
 
 
 def test_max_attempts_reached_exits_1_and_leaves_nothing(cli, standin):
