@@ -33,6 +33,7 @@ from lake_batches import FileChanged, Followed, followed_batches, hours_predicat
 from lake_convert import Feed, Workers
 from processes import worker_count
 from store import DECODE_LAKE, MANIFEST_NAME, Export, LakeLoad, append_manifest, file_key, file_state, marked_lines
+from urls import shown_url
 from windows import Window, hours_between, iso_utc, now_utc
 
 log = logging.getLogger("fetch_data")
@@ -87,7 +88,7 @@ def target_from(text: str, credentials, base: Path, own_folders: dict[str, Path]
     text = text.strip()
     if not AZURE_URI.match(text):
         if "://" in text:
-            raise ValueError(f"{text!r}: expected a folder, az://<container>/<path> or "
+            raise ValueError(f"{shown_url(text)!r}: expected a folder, az://<container>/<path> or "
                              "abfss://<container>@<account>.dfs.core.windows.net/<path>")
         folder = (base / Path(text).expanduser()).resolve()
         check_table_folder(folder, own_folders or {})

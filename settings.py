@@ -20,11 +20,12 @@ import logging
 import math
 import os
 import re
+import urllib.parse
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from errors import UsageError
-from urls import is_loopback
+from urls import is_loopback, shown_url
 from windows import FIRST_YEAR, LAST_YEAR, Window, format_hour, last_finished_hour, parse_hour, plan_windows, yesterday
 
 PROJECT = Path(__file__).resolve().parent
@@ -498,13 +499,23 @@ def pick_base_url(values: Values) -> str:
     base_url = str(raw).strip() if raw else (EU_BASE_URL if region == "eu" else US_BASE_URL)
     source = source if raw else "--region"
     found = re.fullmatch(r"(https?)://([^\s/@?#]+)(/[^\s?#]*)?", base_url)
-    if not found:
-        raise UsageError(f"{source}: expected an http(s) URL without credentials, query or fragment, got {base_url!r}")
+    if not found or not has_host_and_port(base_url):
+        raise UsageError(f"{source}: expected an http(s) URL without credentials, query or fragment, "
+                         f"got {shown_url(base_url)!r}")
     scheme, host = found.group(1), found.group(2)
     if scheme == "http" and not is_loopback(host):
         raise UsageError(f"{source}: the keys would travel unencrypted to {host}; use https:// (http:// is for 127.0.0.1 only)")
     # People paste the whole endpoint; the path is added per request, so take what comes before it.
     return base_url.rstrip("/").removesuffix(EXPORT_PATH).rstrip("/")
+
+
+def has_host_and_port(url: str) -> bool:
+    """Whether the URL's host and port can be read (a port past 65535 or an unclosed bracket cannot)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        return bool(parts.hostname) and (parts.port is None or parts.port > 0)
+    except ValueError:
+        return False
 
 
 def pick_checked(values: Values, name: str, checker: str):

@@ -23,3 +23,15 @@ def plain_http_elsewhere(url: str) -> str | None:
     if parts.scheme.lower() == "http" and is_loopback(parts.netloc.rsplit("@", 1)[-1]):
         return None
     return parts.netloc or url.strip()
+
+
+def shown_url(text: str) -> str:
+    """A URL as a message may show it: credentials, query and fragment (where tokens live) replaced by '…'."""
+    try:
+        parts = urllib.parse.urlsplit(text)
+    except ValueError:  # brackets that are not an IPv6 address: nothing past the scheme is shown
+        return text.split("://", 1)[0] + "://…" if "://" in text else "…"
+    host = parts.netloc.rsplit("@", 1)[-1]
+    netloc = f"…@{host}" if "@" in parts.netloc else host
+    hidden = ("…" if parts.query else "", "…" if parts.fragment else "")
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, *hidden))

@@ -576,6 +576,7 @@ def test_lake_maintain_removes_the_files_of_loads_that_never_committed(cli, stan
 @pytest.mark.parametrize(("args", "env", "message"), [
     (("--lake-maintain",), {}, "--lake-maintain needs --lake"),
     (("--lake", "s3://bucket/t"), {}, "--lake: 's3://bucket/t': expected a folder"),
+    (("--lake", "s3://key:secret@bucket/t?token=secret"), {}, "--lake: 's3://…@bucket/t?…': expected a folder"),
     (("--lake", "az://events/t"), {}, "--lake: an Azure URI needs AZURE_STORAGE_CONNECTION_STRING"),
     (("--lake", "az://events/t"), {"AZURE_STORAGE_ACCOUNT_URL": "http://storage.example.com/acc"},
      "the credentials and the data would travel unencrypted to storage.example.com"),

@@ -234,6 +234,25 @@ def test_bad_settings_are_refused_with_a_clear_message(argv, env, message):
         settings_for(argv, env)
 
 
+@pytest.mark.parametrize(
+    "base_url, shown",
+    [
+        ("https://user:pw-secret@host", "'https://…@host'"),
+        ("https://host/x?sig=token-secret", "'https://host/x?…'"),
+        ("https://host/x#token-secret", "'https://host/x#…'"),
+        ("https://[token-secret", "'https://…'"),
+        ("https://host:99999", "'https://host:99999'"),
+        ("https://host:port", "'https://host:port'"),
+        ("https://:443", "'https://:443'"),
+    ],
+)
+def test_a_base_url_that_cannot_work_is_refused_without_its_secrets(base_url, shown):
+    with pytest.raises(UsageError) as refused:
+        settings_for(["--base-url", base_url], {})
+    assert str(refused.value) == f"--base-url: expected an http(s) URL without credentials, query or fragment, got {shown}"
+    assert "secret" not in str(refused.value)
+
+
 def test_the_end_may_be_the_last_finished_hour():
     settings = settings_for(["--start", "20251106T20", "--end", "20251107T00"], now="2025-11-07 01:00")
     assert [w.label for w in settings.windows] == ["20251106T20-20251107T00"]
