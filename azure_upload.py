@@ -110,6 +110,7 @@ def target_from(credentials, container: str, prefix: str, needed_by: str = "--up
     if connection_string:
         endpoint = endpoint_of(connection_string)
         refuse_plain_http(endpoint, "AZURE_STORAGE_CONNECTION_STRING")
+        ensure_key_readable(connection_string)
         return Target(container, prefix, endpoint, connection_string=connection_string)
     if not account_url:
         raise ValueError(
@@ -144,20 +145,37 @@ def check_prefix(prefix: str) -> str:
 
 
 def connection_fields(connection_string: str) -> dict[str, str]:
-    return dict(part.strip().split("=", 1) for part in connection_string.split(";") if "=" in part)
+    """The fields of a connection string by upper-case name, as the Blob SDK reads them (`blobendpoint=` is its
+    BlobEndpoint too): a field the SDK would act on is never one this check overlooks. The last of a name wins."""
+    return {name.strip().upper(): value for name, value in
+            (part.split("=", 1) for part in connection_string.split(";") if "=" in part)}
 
 
 def endpoint_of(connection_string: str) -> str:
     fields = connection_fields(connection_string)
-    if fields.get("UseDevelopmentStorage", "").lower() == "true":
+    if fields.get("USEDEVELOPMENTSTORAGE", "").lower() == "true":
         return "http://127.0.0.1:10000/devstoreaccount1"
-    if fields.get("BlobEndpoint"):
-        return fields["BlobEndpoint"].rstrip("/")
-    if fields.get("AccountName"):
-        protocol = fields.get("DefaultEndpointsProtocol", "https")
-        suffix = fields.get("EndpointSuffix", "core.windows.net")
-        return f"{protocol}://{fields['AccountName']}.blob.{suffix}"
+    if fields.get("BLOBENDPOINT"):
+        return fields["BLOBENDPOINT"].rstrip("/")
+    if fields.get("ACCOUNTNAME"):
+        protocol = fields.get("DEFAULTENDPOINTSPROTOCOL", "https")
+        suffix = fields.get("ENDPOINTSUFFIX", "core.windows.net")
+        return f"{protocol}://{fields['ACCOUNTNAME']}.blob.{suffix}"
     raise ValueError("AZURE_STORAGE_CONNECTION_STRING has neither AccountName nor BlobEndpoint")
+
+
+def ensure_key_readable(connection_string: str) -> None:
+    """An AccountKey signs each request once base64-decoded: one that does not decode would fail the upload only
+    after the export, with a message about credentials in general."""
+    key = connection_fields(connection_string).get("ACCOUNTKEY")
+    if key is None:
+        return
+    try:
+        if not base64.b64decode(key.strip(), validate=True):
+            raise ValueError
+    except ValueError:  # binascii.Error is one
+        raise ValueError("AZURE_STORAGE_CONNECTION_STRING: its AccountKey is empty or not base64 (copy it again from "
+                         "the storage account's Access keys)") from None
 
 
 def build_credential(target: Target):

@@ -148,13 +148,13 @@ def storage_options(target, account: str | None) -> dict[str, str]:
     from azure_upload import connection_fields
 
     fields = connection_fields(target.connection_string) if target.connection_string else {}
-    name = fields.get("AccountName") or target.account
+    name = fields.get("ACCOUNTNAME") or target.account
     if account and account != name:
         raise ValueError(f"the URI names account {account}, the Azure credentials are for account {name}")
     options = {"account_name": name}
-    if fields.get("AccountKey"):
-        options["account_key"] = fields["AccountKey"]
-    sas = fields.get("SharedAccessSignature") or target.sas_token
+    if fields.get("ACCOUNTKEY"):
+        options["account_key"] = fields["ACCOUNTKEY"]
+    sas = fields.get("SHAREDACCESSSIGNATURE") or target.sas_token
     if sas:
         options["sas_key"] = sas.lstrip("?")
     endpoint = urlsplit(target.account_url)

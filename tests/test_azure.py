@@ -158,9 +158,18 @@ def test_upload_without_storage_settings_is_a_usage_error_before_any_export(cli,
         ({"AZURE_STORAGE_CONNECTION_STRING": "x", "AZURE_STORAGE_CONTAINER": "Bad_Name"}, "container name 'Bad_Name'"),
         ({"AZURE_STORAGE_CONNECTION_STRING": "garbage"}, "neither AccountName nor BlobEndpoint"),
         (
-            {"AZURE_STORAGE_CONNECTION_STRING": "AccountName=acct;AccountKey=k;Foo"},
+            {"AZURE_STORAGE_CONNECTION_STRING": "AccountName=acct;AccountKey=a2V5;Foo"},
             "the connection string for Azure is incomplete or malformed",
         ),
+        ({"AZURE_STORAGE_CONNECTION_STRING": "AccountName=acct;AccountKey=sig=abc!"},
+         "AZURE_STORAGE_CONNECTION_STRING: its AccountKey is empty or not base64"),
+        ({"AZURE_STORAGE_CONNECTION_STRING": "AccountName=acct;AccountKey="}, "its AccountKey is empty or not base64"),
+        # The Blob SDK reads field names in any case: so does the check for plain http.
+        ({"AZURE_STORAGE_CONNECTION_STRING": "blobendpoint=http://10.1.2.3/acct;AccountName=acct;AccountKey=a2V5"},
+         "AZURE_STORAGE_CONNECTION_STRING: the credentials and the data would travel unencrypted to 10.1.2.3"),
+        ({"AZURE_STORAGE_CONNECTION_STRING":
+          "BlobEndpoint=https://acct.blob.core.windows.net;AccountName=acct;AccountKey=a2V5;BLOBENDPOINT=http://10.1.2.3"},
+         "would travel unencrypted to 10.1.2.3"),
         ({"AZURE_STORAGE_ACCOUNT_URL": "https://acct.blob.core.windows.net/?sv=1&sig=abc"}, "no query, no token"),
         ({"AZURE_STORAGE_ACCOUNT_URL": "http://acct.blob.core.windows.net", "AZURE_STORAGE_SAS_TOKEN": "sv=1&sig=abc"},
          "AZURE_STORAGE_ACCOUNT_URL: the credentials and the data would travel unencrypted to acct.blob.core.windows.net"),
@@ -214,7 +223,7 @@ def test_an_account_url_alone_authenticates_with_default_azure_credential(monkey
 @pytest.mark.parametrize(
     "env, method",
     [
-        ({"AZURE_STORAGE_CONNECTION_STRING": "AccountName=acct;AccountKey=k", "AZURE_STORAGE_ACCOUNT_URL": "https://x"},
+        ({"AZURE_STORAGE_CONNECTION_STRING": "AccountName=acct;AccountKey=a2V5", "AZURE_STORAGE_ACCOUNT_URL": "https://x"},
          "connection string"),
         ({"AZURE_STORAGE_ACCOUNT_URL": "https://acct.blob.core.windows.net", "AZURE_STORAGE_SAS_TOKEN": "?sv=1&sig=s"},
          "SAS token"),
