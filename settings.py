@@ -306,6 +306,7 @@ def load_environment(cwd: Path, environ: Mapping) -> Environment:
 def parse_settings(argv: list[str] | None, env: Mapping, now: dt.datetime, cwd: Path | None = None) -> Settings:
     """Every setting once, from a flag or its environment variable, validated before any I/O."""
     args = build_parser().parse_args(argv)
+    refuse_empty_flags(args)
     if not FIRST_YEAR <= now.year <= LAST_YEAR - 1:
         raise UsageError(f"the system clock says {now.year:04d}-{now:%m-%d %H:%M} UTC; set it right before exporting")
     values = Values(args, env, cwd or Path.cwd())
@@ -351,6 +352,14 @@ def parse_settings(argv: list[str] | None, env: Mapping, now: dt.datetime, cwd: 
         lake_retention_days=values["lake_retention_days"],
         field_rules=pick_field_rules(values),
     )
+
+
+def refuse_empty_flags(args: argparse.Namespace) -> None:
+    """`--date "$DAY"` with DAY unset must not quietly export yesterday, nor `--data-dir "$DIR"` write here."""
+    for option in OPTIONS:
+        value = getattr(args, option.name, None) if option.flag and not option.switch else None
+        if isinstance(value, str) and not value.strip():
+            raise UsageError(f"{option.flag}: the value is empty (leave the flag out for its default)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,7 +33,8 @@ def rules(dropped=(), hashed=()) -> Pseudonymiser:
 @pytest.mark.parametrize(
     "argv, env, message",
     [
-        (["--drop-fields", ""], {}, "--drop-fields: an empty field path in ''"),
+        (["--drop-fields", ""], {}, "--drop-fields: the value is empty"),
+        (["--drop-fields", ","], {}, "--drop-fields: an empty field path in ','"),
         (["--drop-fields", "ip_address,,city"], {}, "--drop-fields: an empty field path"),
         (["--hash-fields", "user_properties..email"], {"AMP_HASH_KEY": KEY}, "'user_properties..email' has an empty part"),
         ([], {"AMP_DROP_FIELDS": ".email"}, "AMP_DROP_FIELDS: '.email' has an empty part"),

@@ -227,6 +227,9 @@ def test_a_flag_wins_over_its_environment_variable():
         (["--log-level", "LOUD"], {}, "--log-level: must be one of"),
         (["--data-outfile", "../x"], {}, "--data-outfile: use letters"),
         (["--bogus"], {}, "unrecognized arguments: --bogus"),
+        (["--date", ""], {}, "--date: the value is empty"),
+        (["--data-dir", " "], {}, "--data-dir: the value is empty"),
+        (["--lake="], {}, "--lake: the value is empty"),
     ],
 )
 def test_bad_settings_are_refused_with_a_clear_message(argv, env, message):
