@@ -65,10 +65,10 @@ def parse_hour(text: str, source: str, last_hour: bool) -> dt.datetime:
     """YYYY-MM-DD (its first hour, or its last when `last_hour`) or YYYYMMDDTHH, in UTC, years 2000 to 2100."""
     text = str(text).strip()
     try:
-        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+        if re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", text):
             moment = dt.datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=dt.UTC)
             moment += 23 * HOUR if last_hour else dt.timedelta(0)
-        elif re.fullmatch(r"\d{8}T\d{2}", text):
+        elif re.fullmatch(r"[0-9]{8}T[0-9]{2}", text):
             moment = dt.datetime.strptime(text, HOUR_FORMAT).replace(tzinfo=dt.UTC)
         else:
             raise UsageError(f"{source} {text!r}: expected YYYY-MM-DD or YYYYMMDDTHH (UTC)")

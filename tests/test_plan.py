@@ -62,6 +62,7 @@ def test_parse_hour(text, last_hour, expected):
         ("yesterday", "expected YYYY-MM-DD or YYYYMMDDTHH"),
         ("2025-11-1", "expected YYYY-MM-DD or YYYYMMDDTHH"),
         ("20251101", "expected YYYY-MM-DD or YYYYMMDDTHH"),
+        ("２０２５-１１-０１", "expected YYYY-MM-DD or YYYYMMDDTHH"),  # digits of another script
     ],
 )
 def test_parse_hour_refuses_impossible_input(text, message):
