@@ -66,9 +66,15 @@ def ping(url: str, suffix: str, document: dict | None) -> None:
 
 def check_ping_url(url: str, source: str) -> str:
     """An https URL (plain http to this machine only), or a ValueError that does not repeat it."""
-    parts = urllib.parse.urlsplit(url.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in url.strip()):
-        raise ValueError(f"{source}: expected an https:// URL (it is not shown here: it is a secret)")
+    refused = ValueError(f"{source}: expected an https:// URL (it is not shown here: it is a secret)")
+    try:
+        parts = urllib.parse.urlsplit(url.strip())
+        port_readable = parts.port is None or parts.port > 0
+    except ValueError:  # an unclosed bracket, a port past 65535
+        raise refused from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port_readable or \
+            any(c.isspace() for c in url.strip()):
+        raise refused
     if parts.scheme == "http" and not is_loopback(parts.netloc.rsplit("@", 1)[-1]):
         raise ValueError(f"{source}: plain http would carry the secret URL in the clear; use https:// (http:// is "
                          "for this machine only)")

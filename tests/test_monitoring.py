@@ -127,7 +127,9 @@ def test_a_ping_that_fails_is_a_warning_and_never_fails_the_export(cli, standin)
 @pytest.mark.parametrize(
     "url, message",
     [("http://hc-ping.example/secret-uuid", "AMP_PING_URL: plain http would carry the secret URL in the clear"),
-     ("ftp://hc-ping.example/secret-uuid", "AMP_PING_URL: expected an https:// URL (it is not shown here")],
+     ("ftp://hc-ping.example/secret-uuid", "AMP_PING_URL: expected an https:// URL (it is not shown here"),
+     ("https://[hc-ping.example/secret-uuid", "AMP_PING_URL: expected an https:// URL (it is not shown here"),
+     ("https://hc-ping.example:99999/secret-uuid", "AMP_PING_URL: expected an https:// URL (it is not shown here")],
 )
 def test_a_ping_url_that_would_leak_is_refused_without_being_shown(cli, standin, url, message):
     result = cli.run(*DAY, AMP_PING_URL=url)
