@@ -31,7 +31,7 @@ from store import (
     scan_manifest,
     uploaded_keys,
 )
-from urls import plain_http_elsewhere
+from urls import has_host_and_port, plain_http_elsewhere
 from windows import iso_utc, now_utc
 
 log = logging.getLogger("fetch_data")
@@ -117,7 +117,7 @@ def target_from(credentials, container: str, prefix: str, needed_by: str = "--up
             f"{needed_by} needs AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT_URL "
             "(with AZURE_STORAGE_SAS_TOKEN, or alone for DefaultAzureCredential)"
         )
-    if not re.fullmatch(r"https?://[^\s/?#@]+(/[^\s?#]*)?", account_url):
+    if not re.fullmatch(r"https?://[^\s/?#@]+(/[^\s?#]*)?", account_url) or not has_host_and_port(account_url):
         raise ValueError("AZURE_STORAGE_ACCOUNT_URL: expected https://<account>.blob.core.windows.net (no query, no token)")
     refuse_plain_http(account_url, "AZURE_STORAGE_ACCOUNT_URL")
     return Target(container, prefix, account_url, sas_token=sas_token or None)

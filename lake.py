@@ -33,7 +33,7 @@ from lake_batches import FileChanged, Followed, followed_batches, hours_predicat
 from lake_convert import Feed, Workers
 from processes import worker_count
 from store import DECODE_LAKE, MANIFEST_NAME, Export, LakeLoad, append_manifest, file_key, file_state, marked_lines
-from urls import shown_url
+from urls import has_host_and_port, shown_url
 from windows import Window, hours_between, iso_utc, now_utc
 
 log = logging.getLogger("fetch_data")
@@ -126,7 +126,9 @@ def check_table_folder(folder: Path, own_folders: dict[str, Path]) -> None:
 def parse_azure_uri(text: str) -> tuple[str, str | None, str]:
     """(container, account or None, path in the container) of az://container/path or
     abfss://container@account.dfs.core.windows.net/path."""
-    parts = urlsplit(text)
+    parts = urlsplit(text) if has_host_and_port(text) else None
+    if parts is None or ":" in parts.netloc.rpartition("@")[2]:
+        raise ValueError(f"{shown_url(text)!r}: an Azure URI names its container (and account) by name, without a port")
     if parts.query or parts.fragment or parts.password:
         raise ValueError("an Azure URI takes no query, fragment or credentials (they go in the variables)")
     container, _, host = parts.netloc.rpartition("@") if "@" in parts.netloc else (parts.netloc, "", "")

@@ -17,7 +17,7 @@ import time
 import urllib.parse
 from pathlib import Path
 
-from urls import is_loopback
+from urls import has_host_and_port, plain_http_elsewhere
 
 log = logging.getLogger("fetch_data")
 
@@ -66,19 +66,14 @@ def ping(url: str, suffix: str, document: dict | None) -> None:
 
 def check_ping_url(url: str, source: str) -> str:
     """An https URL (plain http to this machine only), or a ValueError that does not repeat it."""
-    refused = ValueError(f"{source}: expected an https:// URL (it is not shown here: it is a secret)")
-    try:
-        parts = urllib.parse.urlsplit(url.strip())
-        port_readable = parts.port is None or parts.port > 0
-    except ValueError:  # an unclosed bracket, a port past 65535
-        raise refused from None
-    if parts.scheme not in ("http", "https") or not parts.hostname or not port_readable or \
-            any(c.isspace() for c in url.strip()):
-        raise refused
-    if parts.scheme == "http" and not is_loopback(parts.netloc.rsplit("@", 1)[-1]):
+    url = url.strip()
+    readable = has_host_and_port(url) and not any(c.isspace() for c in url)
+    if not readable or urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise ValueError(f"{source}: expected an https:// URL (it is not shown here: it is a secret)")
+    if plain_http_elsewhere(url):
         raise ValueError(f"{source}: plain http would carry the secret URL in the clear; use https:// (http:// is "
                          "for this machine only)")
-    return url.strip()
+    return url
 
 
 def check_metrics_file(path: Path, source: str) -> Path:

@@ -20,12 +20,11 @@ import logging
 import math
 import os
 import re
-import urllib.parse
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from errors import UsageError
-from urls import is_loopback, shown_url
+from urls import has_host_and_port, is_loopback, shown_url
 from windows import FIRST_YEAR, LAST_YEAR, Window, format_hour, last_finished_hour, parse_hour, plan_windows, yesterday
 
 PROJECT = Path(__file__).resolve().parent
@@ -518,15 +517,6 @@ def pick_base_url(values: Values) -> str:
     return base_url.rstrip("/").removesuffix(EXPORT_PATH).rstrip("/")
 
 
-def has_host_and_port(url: str) -> bool:
-    """Whether the URL's host and port can be read (a port past 65535 or an unclosed bracket cannot)."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        return bool(parts.hostname) and (parts.port is None or parts.port > 0)
-    except ValueError:
-        return False
-
-
 def pick_checked(values: Values, name: str, checker: str):
     """A monitoring setting, checked by the monitor module before any request; None when not asked for."""
     value = values[name]
@@ -567,9 +557,7 @@ def azure_credentials(values: Values) -> dict:
 def pick_lake(values: Values):
     """The Delta table of --lake, its packages and credentials checked before any export; None without it."""
     raw, source, base = values.raw(BY_NAME["lake"])
-    if not raw or not str(raw).strip():
-        if values.given("lake"):
-            raise UsageError("--lake: empty; give a folder, az://<container>/<path> or abfss://...")
+    if not raw or not str(raw).strip():  # an empty --lake was refused with the other empty flags
         return None
     import lake
 

@@ -25,6 +25,15 @@ def plain_http_elsewhere(url: str) -> str | None:
     return parts.netloc or url.strip()
 
 
+def has_host_and_port(url: str) -> bool:
+    """Whether the URL's host and port can be read (a port past 65535 or an unclosed bracket cannot)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        return bool(parts.hostname) and (parts.port is None or parts.port > 0)
+    except ValueError:
+        return False
+
+
 def shown_url(text: str) -> str:
     """A URL as a message may show it: credentials, query and fragment (where tokens live) replaced by '…'."""
     try:

@@ -589,6 +589,10 @@ def test_lake_maintain_removes_the_files_of_loads_that_never_committed(cli, stan
      "the URI names account other, the Azure credentials are for account acc"),
     (("--lake", "az://events/t?sig=abc"), {"AZURE_STORAGE_ACCOUNT_URL": "https://acc.blob.core.windows.net"},
      "an Azure URI takes no query"),
+    (("--lake", "abfss://events@[acc/t"), {"AZURE_STORAGE_ACCOUNT_URL": "https://acc.blob.core.windows.net"},
+     "--lake: 'abfss://…': an Azure URI names its container (and account) by name, without a port"),
+    (("--lake", "abfss://events@acc.dfs.core.windows.net:99999/t"),
+     {"AZURE_STORAGE_ACCOUNT_URL": "https://acc.blob.core.windows.net"}, "without a port"),
     (("--lake-retention-days", "-1", "--lake", "x", "--lake-maintain"), {}, "--lake-retention-days"),
 ])
 def test_bad_lake_settings_are_usage_errors_before_any_request(args, env, message):
@@ -620,7 +624,7 @@ def test_a_table_folder_that_is_not_its_own_is_refused_before_any_request(cli, s
         "a file": ("notes.txt", "notes.txt is a file, not a folder"),
         "inside a file": ("notes.txt/t/u", "notes.txt is a file, not a folder"),
         "a folder of files": ("papers", "papers holds files and no Delta table"),
-        "empty": ("", "--lake: empty"),
+        "empty": ("", "--lake: the value is empty"),
     }[where]
     result = cli.run(*DAY, "--lake", folder, "--log-dir", "logs-here")
     assert result.returncode == 2, result.stderr
