@@ -20,6 +20,7 @@ from pathlib import Path
 
 import requests
 
+from archive import MAX_MEMBERS, listed_members
 from errors import ExportError, first_text_line
 from settings import EXPORT_PATH, Api
 from temp_files import create_temp_file
@@ -118,11 +119,20 @@ def fetch_once(span: Window, session, api: Api, consume, temp_folder: Path) -> N
         answer = download(session, span, api, zip_path)
         decision = classify(answer, api.delay_seconds)
         if decision == "ok":
+            ensure_few_members(zip_path)
             consume(zip_path)
         elif decision == "empty":
             log.info("%s: no data for this range (HTTP 404: %s)", span, answer.first_line)
     finally:
         zip_path.unlink(missing_ok=True)
+
+
+def ensure_few_members(zip_path: Path) -> None:
+    """An archive listing more members than MAX_MEMBERS is split like a window Amplitude finds too large: halves
+    list fewer, and reading its directory whole would cost memory in proportion."""
+    listed = listed_members(zip_path)
+    if listed is not None and listed > MAX_MEMBERS:
+        raise TooLarge(f"the archive lists {listed:,} members, more than {MAX_MEMBERS:,}")
 
 
 def download(session, span: Window, api: Api, dest: Path) -> Answer:

@@ -12,6 +12,7 @@ import responses
 import simdjson
 
 import archive
+import export_api
 import fetch_data as fd
 from amplitude_standin import build_archive, member_name
 from errors import ExportError
@@ -169,6 +170,27 @@ def test_400_too_large_asks_for_a_split(settings, session, tmp_path):
     with pytest.raises(TooLarge, match="HTTP 400: The file size of the exported data is too large.$"):
         run_fetch(settings, session, tmp_path)
     assert len(responses.calls) == 1
+
+
+@responses.activate
+@pytest.mark.parametrize("cap, splits", [(1, True), (2, False)])
+def test_an_archive_listing_more_members_than_the_cap_asks_for_a_split(settings, session, tmp_path, monkeypatch,
+                                                                      cap, splits):
+    monkeypatch.setattr(export_api, "MAX_MEMBERS", cap)
+    responses.get(URL, body=ARCHIVE, status=200)  # two members
+    if splits:
+        with pytest.raises(TooLarge, match="^the archive lists 2 members, more than 1$"):
+            run_fetch(settings, session, tmp_path)
+        assert not (tmp_path / "out.part").exists() and list(tmp_path.iterdir()) == []
+    else:
+        assert run_fetch(settings, session, tmp_path)[0] == as_array(ARCHIVE_LINES)
+    assert len(responses.calls) == 1
+
+
+@pytest.mark.parametrize("body, listed", [(ARCHIVE, 2), (b"", None), (b"PK\x05\x06", None), (b"<html>", None)])
+def test_the_members_an_archive_lists_are_read_from_its_end_record(tmp_path, body, listed):
+    (tmp_path / "a.zip").write_bytes(body)
+    assert archive.listed_members(tmp_path / "a.zip") == listed
 
 
 @responses.activate

@@ -190,6 +190,19 @@ def test_plain_members_are_read_odd_members_skipped_and_stray_hours_flagged(cli,
     assert f"archive member {stray[0]} is named for an hour outside the window; exporting it" in result.stderr
 
 
+def test_an_archive_listing_more_members_than_any_export_has_is_split_before_its_directory_is_read(cli, standin):
+    listed = archive.MAX_MEMBERS + 1
+    standin.add_fault("members", members=[packed("20251101T05", part, b"") for part in range(listed)])
+    result = cli.run(*DAY)
+    assert result.returncode == 0, result.stderr
+    assert (f"the archive lists {listed:,} members, more than {archive.MAX_MEMBERS:,}; "
+            "splitting into 20251101T00-20251101T11 and 20251101T12-20251101T23") in result.stderr
+    assert [(r["start"], r["end"]) for r in standin.requests] == [
+        ("20251101T00", "20251101T23"), ("20251101T00", "20251101T11"), ("20251101T12", "20251101T23")]
+    assert only_output(cli).read_bytes() == as_array(standin.expected_lines(DAY_START, DAY_END))
+    assert cli.leftovers() == []
+
+
 # 5. Valid JSON out, always
 
 
