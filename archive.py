@@ -40,9 +40,11 @@ GZIP_MAGIC = b"\x1f\x8b"
 MEMBER_NAME = re.compile(r"_(\d{4}-\d{2}-\d{2})_(\d{1,2})#(\d+)\.json(?:\.gz)?$")
 # Names of files that are not data: macOS resource forks and folders some zip tools add.
 NOT_DATA_MEMBER = re.compile(r"(^|/)(__MACOSX/|\._)")
-# Reading a zip's directory costs about 600 bytes of memory a member. Amplitude files an hour in one member or a few:
-# an archive listing more is split like one Amplitude finds too large, so that memory stays bounded.
+# Reading a zip's directory costs about 600 bytes of memory a member, and zipfile holds the directory itself while it
+# reads it. Amplitude files an hour in one member or a few, each with a short name: an archive listing more, or with
+# a larger directory, is split like one Amplitude finds too large, so that memory stays bounded.
 MAX_MEMBERS = 100_000
+MAX_DIRECTORY_BYTES = 32 << 20
 # A whole line checked for being one JSON object without building its values (see long_event_type).
 LONG_EVENT = msgspec.json.Decoder(dict[str, msgspec.Raw])
 
@@ -85,8 +87,8 @@ def damage_is_corrupt():
         raise CorruptArchive(f"{type(exc).__name__}: {first_text_line(exc)}") from None
 
 
-def listed_members(zip_path) -> int | None:
-    """How many entries a zip's directory lists, from its end record alone; None when it has none (not a zip).
+def directory_of(zip_path) -> tuple[int, int] | None:
+    """(entries, bytes) of a zip's directory, from its end record alone; None when it has none (not a zip).
 
     zipfile reads the end record the same way before it builds an object for every entry; the standard library
     offers no public way to read the count without building them all.
@@ -96,7 +98,7 @@ def listed_members(zip_path) -> int | None:
             end = zipfile._EndRecData(zip_file)
         except zipfile.BadZipFile:  # a zip spread over several disks: reading it says so, as a damaged archive
             return None
-    return end[zipfile._ECD_ENTRIES_TOTAL] if end else None
+    return (end[zipfile._ECD_ENTRIES_TOTAL], end[zipfile._ECD_SIZE]) if end else None
 
 
 def members_in_order(archive: zipfile.ZipFile, span: Window) -> list[zipfile.ZipInfo]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import requests
 
-from archive import MAX_MEMBERS, listed_members
+from archive import MAX_DIRECTORY_BYTES, MAX_MEMBERS, directory_of
 from errors import ExportError, first_text_line
 from settings import EXPORT_PATH, Api
 from temp_files import create_temp_file
@@ -128,11 +128,14 @@ def fetch_once(span: Window, session, api: Api, consume, temp_folder: Path) -> N
 
 
 def ensure_few_members(zip_path: Path) -> None:
-    """An archive listing more members than MAX_MEMBERS is split like a window Amplitude finds too large: halves
-    list fewer, and reading its directory whole would cost memory in proportion."""
-    listed = listed_members(zip_path)
-    if listed is not None and listed > MAX_MEMBERS:
+    """An archive listing more members than MAX_MEMBERS, or with a directory over MAX_DIRECTORY_BYTES, is split
+    like a window Amplitude finds too large: halves list fewer, and reading its directory whole would cost memory
+    in proportion."""
+    listed, size = directory_of(zip_path) or (0, 0)
+    if listed > MAX_MEMBERS:
         raise TooLarge(f"the archive lists {listed:,} members, more than {MAX_MEMBERS:,}")
+    if size > MAX_DIRECTORY_BYTES:
+        raise TooLarge(f"the archive's directory takes {size:,} bytes, more than {MAX_DIRECTORY_BYTES:,}")
 
 
 def download(session, span: Window, api: Api, dest: Path) -> Answer:

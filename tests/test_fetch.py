@@ -187,10 +187,20 @@ def test_an_archive_listing_more_members_than_the_cap_asks_for_a_split(settings,
     assert len(responses.calls) == 1
 
 
-@pytest.mark.parametrize("body, listed", [(ARCHIVE, 2), (b"", None), (b"PK\x05\x06", None), (b"<html>", None)])
-def test_the_members_an_archive_lists_are_read_from_its_end_record(tmp_path, body, listed):
+@responses.activate
+def test_an_archive_whose_directory_is_over_its_cap_asks_for_a_split(settings, session, tmp_path, monkeypatch):
+    monkeypatch.setattr(export_api, "MAX_DIRECTORY_BYTES", 100)
+    responses.get(URL, body=ARCHIVE, status=200)  # a directory of 165 bytes: two entries of 46 bytes and their names
+    with pytest.raises(TooLarge, match=r"^the archive's directory takes 165 bytes, more than 100$"):
+        run_fetch(settings, session, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("body, directory", [(ARCHIVE, (2, 2 * 46 + 37 + 36)), (b"", None), (b"PK\x05\x06", None),
+                                             (b"<html>", None)])
+def test_the_directory_of_an_archive_is_read_from_its_end_record(tmp_path, body, directory):
     (tmp_path / "a.zip").write_bytes(body)
-    assert archive.listed_members(tmp_path / "a.zip") == listed
+    assert archive.directory_of(tmp_path / "a.zip") == directory
 
 
 @responses.activate
