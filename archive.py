@@ -43,8 +43,8 @@ NOT_DATA_MEMBER = re.compile(r"(^|/)(__MACOSX/|\._)")
 # Reading a zip's directory costs about 600 bytes of memory a member, and zipfile holds the directory itself while it
 # reads it. Amplitude files an hour in one member or a few, each with a short name: an archive listing more, or with
 # a larger directory, is split like one Amplitude finds too large, so that memory stays bounded.
-MAX_MEMBERS = 100_000
-MAX_DIRECTORY_BYTES = 32 << 20
+MAX_MEMBERS = 50_000
+MAX_DIRECTORY_BYTES = 8 << 20  # zipfile reads entries until this many bytes are read, whatever the count says
 # A whole line checked for being one JSON object without building its values (see long_event_type).
 LONG_EVENT = msgspec.json.Decoder(dict[str, msgspec.Raw])
 
