@@ -36,6 +36,9 @@ ERROR_BODY_CHARS = 200
 ERROR_BODY_BYTES = 4096
 NO_DATA_TEXT = "Raw data files were not found"  # Amplitude's 404 body for a range without events
 TOO_LARGE_TEXT = "too large"  # in Amplitude's 400 body for an export over its 4 GB limit
+# Amplitude answers an export over 4 GB with a 400: a longer answer is not one, and would fill the disk if it never
+# ended (a body sent with Content-Encoding: gzip grows as it is decoded). It is split like a window too large.
+MAX_ANSWER_BYTES = 5 << 30
 
 
 class TooLarge(Exception):
@@ -177,16 +180,26 @@ def request_to_file(session, span: Window, api: Api, dest: Path, abandoned: thre
         ) as response:
             if response.status_code != 200:
                 return Answer(response.status_code, response.headers, body_start(response), url)
+            announced = response.headers.get("Content-Length", "").strip()
+            ensure_within_limit(int(announced) if announced.isdigit() else 0)
+            received = 0
             with create_temp_file(dest) as out:
                 for chunk in response.iter_content(api.read_bytes):
                     if abandoned.is_set():
                         break
+                    received += len(chunk)
+                    ensure_within_limit(received)
                     out.write(chunk)
             if abandoned.is_set():
                 dest.unlink(missing_ok=True)
             return Answer(200, response.headers, "", url)
     except requests.RequestException as exc:
         raise Retryable(describe_failure(exc, api), api.delay_seconds) from None
+
+
+def ensure_within_limit(size: int) -> None:
+    if size > MAX_ANSWER_BYTES:
+        raise TooLarge(f"the answer passed {MAX_ANSWER_BYTES:,} bytes, more than Amplitude sends for one export")
 
 
 def classify(answer: Answer, delay: float) -> str:

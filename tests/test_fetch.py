@@ -196,6 +196,18 @@ def test_an_archive_whose_directory_is_over_its_cap_asks_for_a_split(settings, s
     assert list(tmp_path.iterdir()) == []
 
 
+@responses.activate
+@pytest.mark.parametrize("announced", [True, False])
+def test_an_answer_longer_than_any_export_asks_for_a_split_and_leaves_no_file(settings, session, tmp_path,
+                                                                               monkeypatch, announced):
+    monkeypatch.setattr(export_api, "MAX_ANSWER_BYTES", len(ARCHIVE) - 1)
+    # Announced: refused before a byte is stored; not announced: refused once the bytes received pass the limit.
+    responses.get(URL, body=ARCHIVE, status=200, headers={"Content-Length": str(len(ARCHIVE))} if announced else {})
+    with pytest.raises(TooLarge, match=f"^the answer passed {len(ARCHIVE) - 1:,} bytes, more than Amplitude sends"):
+        run_fetch(settings, session, tmp_path)
+    assert list(tmp_path.iterdir()) == [] and len(responses.calls) == 1
+
+
 @pytest.mark.parametrize("body, directory", [(ARCHIVE, (2, 2 * 46 + 37 + 36)), (b"", None), (b"PK\x05\x06", None),
                                              (b"<html>", None)])
 def test_the_directory_of_an_archive_is_read_from_its_end_record(tmp_path, body, directory):
