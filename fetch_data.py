@@ -70,7 +70,7 @@ try:
     from errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ExportError, UsageError
     from export_api import Retryable, TooLarge, fetch, halves_of_too_large, open_session
     from lake import open_lake
-    from logging_config import printable, setup_logging
+    from logging_config import print_for_reader, printable, setup_logging
     from member_workers import ArchiveReader, MemberWorkers
     from monitor import Watch
     from own_files import NotOwnFile
@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"Error: {printable(str(exc))}", file=sys.stderr)
         if asks_for_json(argv, os.environ):
-            print(json.dumps(summary(Outcome("usage", EXIT_USAGE, error=str(exc)), None, time.monotonic() - began)))
+            print_for_reader(json.dumps(summary(Outcome("usage", EXIT_USAGE, error=str(exc)), None,
+                                                time.monotonic() - began)))
         return EXIT_USAGE
     share_with_sdks(env)
     watch = Watch(settings)  # the dead man's switch and the metrics file, when asked for
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Log file: {log_file}", file=sys.stderr)
     logging.shutdown()
     if settings.json:  # the last line of stdout, where Airflow and other schedulers look
-        print(json.dumps(document, ensure_ascii=True))
+        print_for_reader(json.dumps(document, ensure_ascii=True))
     return outcome.exit_code
 
 

@@ -7,6 +7,7 @@ terminal, and a newline could forge a log line. Every log line passes through on
 import contextlib
 import datetime as dt
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -74,6 +75,18 @@ class LogFileHandler(logging.FileHandler):
 
 # C0 and C1 controls (newlines included), lone surrogates, and the marks that reorder text on screen.
 UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\u202a-\u202e\u2066-\u2069]")
+
+
+def print_for_reader(text: str, stream=None) -> None:
+    """Print `text` to stdout (or `stream`); a reader that closed it (`| head -1`) wants no more, which is no failure
+    of the run: the rest goes nowhere, and the run ends as it would have."""
+    stream = stream or sys.stdout
+    try:
+        print(text, file=stream, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())  # so that Python's own flush at exit does not fail on it either
+        os.close(devnull)
 
 
 def printable(text: str) -> str:

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from errors import EXIT_FAILED, EXIT_OK, ExportError, UsageError
-from logging_config import printable
+from logging_config import print_for_reader, printable
 from own_files import write_atomically
 from store import (
     JOURNAL_NAME,
@@ -154,7 +154,7 @@ def run(settings, outcome: Outcome) -> int:
     except OSError as exc:
         raise ExportError(f"cannot write the report to {target}: {exc.strerror or exc}") from None
     table = render_table(built, target)
-    print("\n".join(printable(line) for line in table.split("\n")), file=sys.stderr if settings.json else sys.stdout)
+    print_for_reader("\n".join(printable(line) for line in table.split("\n")), sys.stderr if settings.json else sys.stdout)
     outcome.start, outcome.end = format_hour(start), format_hour(end)
     outcome.hours_already, outcome.hours_missing = len(built.counts) - built.missing, built.missing
     outcome.events, outcome.files = built.events, [str(target)]

@@ -64,6 +64,20 @@ def test_the_summary_of_a_report_keeps_the_table_on_stderr(cli, standin):
     assert "hours exported" in result.stderr
 
 
+@pytest.mark.parametrize("args", [(*DAY, "--json"), ("--report", *DAY), ("--report", *DAY, "--json")])
+def test_a_reader_that_closed_stdout_changes_nothing_but_the_output(cli, standin, args):
+    """`| head -1` closes the pipe: the run still exports and reports, and ends as it would have, without a
+    traceback."""
+    if args[0] == "--report":
+        assert cli.run(*DAY).returncode == 0
+    run = cli.start(*args)
+    run.stdout.close()  # closed before the run writes to it
+    stderr = run.stderr.read()
+    assert run.wait(timeout=120) == 0, stderr
+    assert "Traceback" not in stderr and "Broken pipe" not in stderr and "Error" not in stderr
+    assert len(cli.manifest()) == 1 and cli.outputs()
+
+
 class PingReceiver:
     """A monitor on 127.0.0.1 that records each ping's path and body."""
 
