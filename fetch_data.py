@@ -70,7 +70,7 @@ try:
     from errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ExportError, UsageError
     from export_api import Retryable, TooLarge, fetch, halves_of_too_large, open_session
     from lake import open_lake
-    from logging_config import print_for_reader, printable, setup_logging
+    from logging_config import ensure_standard_streams, print_for_reader, printable, setup_logging
     from member_workers import ArchiveReader, MemberWorkers
     from monitor import Watch
     from own_files import NotOwnFile
@@ -90,6 +90,7 @@ log = logging.getLogger("fetch_data")
 
 def main(argv: list[str] | None = None) -> int:
     """Every mode runs inside this one boundary: a usage problem exits 2, a failed run 1, each with one line."""
+    ensure_standard_streams()
     for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show a character gets its escape instead
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")

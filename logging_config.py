@@ -77,6 +77,24 @@ class LogFileHandler(logging.FileHandler):
 UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\u202a-\u202e\u2066-\u2069]")
 
 
+def ensure_standard_streams() -> None:
+    """Give /dev/null to a standard descriptor the run was started without (`2>&-`, a bare supervisor).
+
+    Python then has no sys.stderr to log to, and the next file opened would be given the free descriptor: a data
+    file, into which a library's message to stderr, or a worker process that inherits it, would write.
+    """
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+            continue
+        except OSError:
+            devnull = os.open(os.devnull, os.O_RDWR)
+        if devnull != fd:
+            os.dup2(devnull, fd)
+            os.close(devnull)
+        setattr(sys, name, open(fd, mode, closefd=False, errors="backslashreplace"))  # noqa: SIM115 - lives as long as the process
+
+
 def print_for_reader(text: str, stream=None) -> None:
     """Print `text` to stdout (or `stream`); a reader that closed it (`| head -1`) wants no more, which is no failure
     of the run: the rest goes nowhere, and the run ends as it would have."""

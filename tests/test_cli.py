@@ -4,6 +4,7 @@ import datetime as dt
 import json
 import re
 import socket
+import subprocess
 
 import pytest
 
@@ -93,6 +94,24 @@ def test_a_body_that_stops_halfway_is_a_timeout_and_retried(cli, standin):
     assert len(standin.requests) == 2
     assert only_output(cli).read_bytes() == as_array(standin.expected_lines(DAY_START, DAY_END))
     assert cli.leftovers() == []
+
+
+@pytest.mark.parametrize("extra", [(), ("--json", "--workers", "3"), ("--drop-fields", "city")])
+def test_a_run_started_without_stdout_and_stderr_exports_and_writes_them_nowhere(cli, standin, extra):
+    """A supervisor that closes the standard descriptors (`>&- 2>&-`): the run must not fail on them, and no file
+    it opens may take their numbers, where a message meant for stderr (its own or a worker's) would land."""
+    script = 'exec "$@" <&- >&- 2>&-'
+    run = subprocess.run(["bash", "-c", script, "bash", *cli.command(*DAY, *extra)], cwd=cli.workdir,
+                         env=cli.env(), capture_output=True, timeout=120)
+    assert run.returncode == 0 and run.stdout == b"" and run.stderr == b""
+    lines = standin.expected_lines(DAY_START, DAY_END)
+    if "city" in extra:
+        assert len(json.loads(only_output(cli).read_bytes())) == len(lines)
+        assert b'"city"' not in only_output(cli).read_bytes()
+    else:
+        assert only_output(cli).read_bytes() == as_array(lines)
+    log = next(cli.logs.glob("log_*.log")).read_text()
+    assert "Exported 20251101T00-20251101T23" in log and "ERROR" not in log
 
 
 def test_max_attempts_reached_exits_1_and_leaves_nothing(cli, standin):
