@@ -6,6 +6,7 @@ terminal, and a newline could forge a log line. Every log line passes through on
 
 import contextlib
 import datetime as dt
+import itertools
 import logging
 import os
 import re
@@ -23,7 +24,7 @@ def setup_logging(log_outpath="logs", log_level=logging.INFO, now=None, quiet=Fa
     now = now or dt.datetime.now(dt.UTC)
     folder = Path(log_outpath)
     folder.mkdir(parents=True, exist_ok=True)
-    log_file = folder / f"log_{now:%Y%m%d_%H%M%S}.log"
+    log_file = new_log_file(folder, now)
     formatter = logging.Formatter(LOG_FORMAT)
     handlers = [LogFileHandler(log_file, encoding="utf-8", errors="backslashreplace"), logging.StreamHandler(sys.stderr)]
     root = logging.getLogger()
@@ -42,6 +43,17 @@ def setup_logging(log_outpath="logs", log_level=logging.INFO, now=None, quiet=Fa
     # The Azure SDK logs every request and its headers at INFO: too much for an audit log.
     logging.getLogger("azure").setLevel(max(log_level, logging.WARNING))
     return log_file
+
+
+def new_log_file(folder: Path, now: dt.datetime) -> Path:
+    """log_YYYYMMDD_HHMMSS.log, made anew: a run started in the same second as another (a report beside the nightly
+    run) gets _2, _3, ..., so that each log holds its own run's lines; a name taken by anything, a link included,
+    is passed over."""
+    stem = f"log_{now:%Y%m%d_%H%M%S}"
+    names = itertools.chain([f"{stem}.log"], (f"{stem}_{number}.log" for number in itertools.count(2)))
+    for path in (folder / name for name in names):
+        with contextlib.suppress(FileExistsError), open(path, "x"):
+            return path
 
 
 class LogFileHandler(logging.FileHandler):

@@ -271,6 +271,22 @@ def test_a_second_run_in_the_same_minute_never_overwrites(cli, standin):
     # Which name the second file takes when the minute is the same: tests/test_store.py, with the clock given.
 
 
+def test_runs_started_in_the_same_second_keep_logs_of_their_own(cli, standin, tmp_path):
+    moment = dt.datetime(2025, 11, 7, 3, 30, 0, tzinfo=dt.UTC)
+    cli.logs.mkdir()
+    elsewhere = tmp_path / "not a log"
+    elsewhere.write_text("kept\n")
+    (cli.logs / "log_20251107_033000_2.log").symlink_to(elsewhere)  # a name taken by a link is passed over
+    first = cli.run(*DAY, now=moment)
+    second = cli.run("--date", "2025-11-02", now=moment)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert first.stderr.strip().endswith(f"Log file: {cli.logs / 'log_20251107_033000.log'}")
+    assert second.stderr.strip().endswith(f"Log file: {cli.logs / 'log_20251107_033000_3.log'}")
+    assert "20251102" not in (cli.logs / "log_20251107_033000.log").read_text()
+    assert "Exported 20251102T00-20251102T23" in (cli.logs / "log_20251107_033000_3.log").read_text()
+    assert elsewhere.read_text() == "kept\n"
+
+
 def test_data_and_log_folders_are_settings(cli, standin):
     result = cli.run(*DAY, "--data-dir", "out/events", AMP_LOG_DIR="out/logs")
     assert result.returncode == 0, result.stderr
