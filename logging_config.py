@@ -98,13 +98,10 @@ def ensure_standard_streams() -> None:
     for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
         try:
             os.fstat(fd)
-            continue
-        except OSError:
-            devnull = os.open(os.devnull, os.O_RDWR)
-        if devnull != fd:
-            os.dup2(devnull, fd)
-            os.close(devnull)
-        setattr(sys, name, open(fd, mode, closefd=False, errors="backslashreplace"))  # noqa: SIM115 - lives as long as the process
+        except OSError:  # closed: /dev/null takes its number, then the stream Python could not make
+            os.open(os.devnull, os.O_RDWR)  # the lowest free number, fd itself: those below it are open by now
+            stream = open(fd, mode, closefd=False, errors="backslashreplace")  # noqa: SIM115 - kept for the run
+            setattr(sys, name, stream)
 
 
 def print_for_reader(text: str, stream=None) -> None:
