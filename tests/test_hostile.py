@@ -10,6 +10,8 @@ import io
 import json
 import os
 import re
+import subprocess
+import sys
 import threading
 import time
 
@@ -433,10 +435,25 @@ def test_retry_after_as_an_http_date_is_honoured(cli, standin):
 NOW = dt.datetime(2025, 11, 7, 3, 30, 12, tzinfo=dt.UTC)
 
 
-def test_a_log_file_that_cannot_be_written_leaves_the_run_and_its_exit_code_alone(cli, standin):
+# A run makes its log file anew, passing over a name already taken: the full disk is given to it by name.
+WITH_THE_LOG_ON_A_FULL_DISK = (
+    "import runpy, sys; sys.path.insert(0, sys.argv[1]); import logging_config; "
+    "logging_config.new_log_file = lambda folder, now: folder / 'full.log'; "
+    "sys.argv = sys.argv[2:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
+def run_with_the_log_on_a_full_disk(cli, *args) -> subprocess.CompletedProcess:
     cli.logs.mkdir()
-    (cli.logs / "log_20251107_033012.log").symlink_to("/dev/full")  # the run's log file, named by its start
-    result = cli.run(*DAY, now=NOW)
+    (cli.logs / "full.log").symlink_to("/dev/full")  # every write fails with ENOSPC, as on a full disk
+    command = [sys.executable, "-c", WITH_THE_LOG_ON_A_FULL_DISK, str(cli.project), str(cli.project / "fetch_data.py"),
+               *args]
+    return subprocess.run(command, cwd=cli.workdir, env=cli.env(), capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
+
+
+def test_a_log_file_that_cannot_be_written_leaves_the_run_and_its_exit_code_alone(cli, standin):
+    result = run_with_the_log_on_a_full_disk(cli, *DAY)
     assert result.returncode == 0, result.stderr
     assert "Logging error" not in result.stderr and "Traceback" not in result.stderr
     assert result.stderr.count("Cannot write the log file") == 1
@@ -446,10 +463,9 @@ def test_a_log_file_that_cannot_be_written_leaves_the_run_and_its_exit_code_alon
 
 
 def test_the_log_file_failing_does_not_change_a_failure_exit_code(cli, standin):
-    cli.logs.mkdir()
-    (cli.logs / "log_20251107_033012.log").symlink_to("/dev/full")
     standin.add_fault(418)
-    result = cli.run(*DAY, now=NOW)
+    result = run_with_the_log_on_a_full_disk(cli, *DAY)
     assert result.returncode == 1
     assert "Logging error" not in result.stderr
+    assert result.stderr.count("Cannot write the log file") == 1
     assert "Amplitude answered HTTP 418" in result.stderr
