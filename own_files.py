@@ -68,9 +68,18 @@ def write_atomically(path: Path, content: bytes) -> None:
         temp.unlink(missing_ok=True)
 
 
+# Some file systems cannot sync a folder at all (SMB shares such as Azure Files, some FUSE mounts): they answer with
+# one of these, as PostgreSQL and SQLite also find, and a rename there is as durable as they make it.
+FOLDER_SYNC_UNSUPPORTED = (errno.EINVAL, errno.EBADF, errno.ENOTSUP, errno.EOPNOTSUPP)
+
+
 def fsync_folder(path: Path) -> None:
+    """Make the folder's new names durable, where the file system can."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in FOLDER_SYNC_UNSUPPORTED:
+            raise
     finally:
         os.close(fd)

@@ -1,6 +1,7 @@
 """The store: manifest lines as typed records validated in one place, and files put in place without overwriting."""
 
 import datetime as dt
+import errno
 import hashlib
 import json
 import logging
@@ -119,6 +120,21 @@ def test_a_data_file_is_read_only_if_it_is_still_a_regular_file(tmp_path):
         assert store.file_sha256(tmp_path / name) is None
         with pytest.raises(OSError):
             own_files.open_regular(tmp_path / name)
+
+
+@pytest.mark.parametrize("code", [errno.EINVAL, errno.ENOTSUP])
+def test_a_folder_the_file_system_cannot_sync_is_no_failure_but_a_failing_disk_is(tmp_path, monkeypatch, code):
+    """An SMB share (Azure Files) refuses to sync a folder with EINVAL: the export must not fail there, while an
+    error of the disk itself still fails the save."""
+    def fsync(fd):
+        raise OSError(error, os.strerror(error))
+
+    monkeypatch.setattr(own_files.os, "fsync", fsync)
+    error = code
+    own_files.fsync_folder(tmp_path)
+    error = errno.EIO
+    with pytest.raises(OSError, match="Input/output error"):
+        own_files.fsync_folder(tmp_path)
 
 
 def test_a_torn_last_line_is_cut_only_by_a_run_holding_the_lock(tmp_path):
