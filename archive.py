@@ -16,6 +16,7 @@ import json
 import logging
 import re
 import struct
+import sys
 import zipfile
 
 import msgspec
@@ -45,6 +46,9 @@ NOT_DATA_MEMBER = re.compile(r"(^|/)(__MACOSX/|\._)")
 # a larger directory, is split like one Amplitude finds too large, so that memory stays bounded.
 MAX_MEMBERS = 50_000
 MAX_DIRECTORY_BYTES = 8 << 20  # zipfile reads entries until this many bytes are read, whatever the count says
+# simdjson, which checks every line, lets through nesting up to this deep. The decoders after it (msgspec under field
+# rules and for the lake, json for a pseudonym's text) count each level against Python's recursion limit of 1,000.
+MAX_NESTING = 1024
 # A whole line checked for being one JSON object without building its values (see long_event_type).
 LONG_EVENT = msgspec.json.Decoder(dict[str, msgspec.Raw])
 
@@ -85,6 +89,12 @@ def damage_is_corrupt():
         raise
     except Exception as exc:
         raise CorruptArchive(f"{type(exc).__name__}: {first_text_line(exc)}") from None
+
+
+def allow_checked_nesting() -> None:
+    """Let the decoders after the check go as deep as the check lets a line go, with the stack below them: under
+    field rules or --lake an event the plain export accepts must not fail as a RecursionError."""
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), MAX_NESTING + 1000))
 
 
 def directory_of(zip_path) -> tuple[int, int] | None:
@@ -266,8 +276,10 @@ def event_type_of(line: bytes, member: str, number: int, parser) -> str | None:
                 name = value["event_type"]
                 if type(name) is str:
                     return name
-    except Exception:
-        pass
+    except Exception as exc:
+        if str(exc).startswith("DEPTH_ERROR"):  # json would go deeper, and the decoders after the check fail there
+            raise BadEvent(member, number, f"nested deeper than {MAX_NESTING} levels", line[:SAMPLE_BYTES],
+                           len(line)) from None
     try:
         # Decoded as UTF-8 first: json.loads would take UTF-16 and UTF-32 bytes too, which no JSON reader expects.
         value = json.loads(line.decode("utf-8"), parse_constant=reject_constant)
@@ -287,8 +299,8 @@ def long_event_type(line: bytes, member: str, number: int) -> str:
         for offset in range(0, len(view), CHUNK_BYTES):
             decoder.decode(view[offset : offset + CHUNK_BYTES])
         decoder.decode(b"", final=True)
-    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, ValueError):
-        raise not_an_event(member, number, line) from None
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, ValueError, RecursionError):
+        raise not_an_event(member, number, line) from None  # RecursionError: nested deeper than any decoder goes
     name = event.get("event_type")
     return type_name(None if name is None else json.loads(unmask_surrogates(bytes(name))))
 

@@ -66,7 +66,7 @@ try:
     import report
     import store
     import temp_files
-    from archive import BadEvent, CorruptArchive, member_hour
+    from archive import BadEvent, CorruptArchive, allow_checked_nesting, member_hour
     from errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ExportError, UsageError
     from export_api import Retryable, TooLarge, fetch, halves_of_too_large, open_session
     from lake import open_lake
@@ -91,6 +91,7 @@ log = logging.getLogger("fetch_data")
 def main(argv: list[str] | None = None) -> int:
     """Every mode runs inside this one boundary: a usage problem exits 2, a failed run 1, each with one line."""
     ensure_standard_streams()
+    allow_checked_nesting()
     for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show a character gets its escape instead
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")

@@ -27,7 +27,7 @@ import msgspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from archive import UTF8_BOM, mask_surrogates, unmask_surrogates, without_boms
+from archive import UTF8_BOM, allow_checked_nesting, mask_surrogates, unmask_surrogates, without_boms
 from lake_schema import (
     ABSENT_FIELDS,
     ARROW_TYPE,
@@ -69,6 +69,7 @@ def serve(worker: int, workers: int) -> None:
     A job is `["path", chunk_bytes]`, a file whose owned chunks it converts, or `[null, lines_file]`, text streamed
     after it in frames (see lake_convert.Feed) until an empty one.
     """
+    allow_checked_nesting()
     source, out = sys.stdin.buffer, sys.stdout.buffer
     for job in iter(source.readline, b""):
         path, detail = json.loads(job)

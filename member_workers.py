@@ -29,7 +29,15 @@ from pathlib import Path
 
 import simdjson
 
-from archive import BadEvent, CorruptArchive, check_events, damage_is_corrupt, members_in_order, read_member
+from archive import (
+    BadEvent,
+    CorruptArchive,
+    allow_checked_nesting,
+    check_events,
+    damage_is_corrupt,
+    members_in_order,
+    read_member,
+)
 from errors import ExportError
 from field_rules import FieldRules, Pseudonymiser
 from processes import end_processes, first_error, one_that_ended, start_process, widen_pipe, worker_count
@@ -314,6 +322,7 @@ def read_answers(stream, answers: Answers) -> None:
 
 def serve() -> None:
     """Rules from the first line of standard input, then for each archive line its members' answers."""
+    allow_checked_nesting()
     source, out = sys.stdin.buffer, sys.stdout.buffer
     given = json.loads(source.readline())
     rules = Pseudonymiser(FieldRules(tuple(given["dropped"]), tuple(given["hashed"]), given["key"].encode("utf-8")))

@@ -205,6 +205,23 @@ def test_an_archive_listing_more_members_than_any_export_has_is_split_before_its
     assert cli.leftovers() == []
 
 
+@pytest.mark.parametrize("extra", [(), ("--hash-fields", "user_id", "--drop-fields", "p"), ("--lake", "lake")])
+def test_nesting_the_check_accepts_is_an_event_in_every_mode_and_deeper_is_refused_at_once(cli, standin, extra):
+    """The check (simdjson) takes 1,024 levels; the decoders of the field rules and the lake go as deep, so a line
+    the plain export takes never fails them as a RecursionError (a damaged archive, fetched again and again)."""
+    def nested(levels: int) -> bytes:  # the event's object is the first level
+        return b'{"event_type":"a","user_id":"u","p":' + b"[" * (levels - 1) + b"]" * (levels - 1) + b"}\n"
+
+    standin.add_fault("members", members=[packed("20251101T03", 0, nested(archive.MAX_NESTING))])
+    taken = cli.run(*DAY, *extra, AMP_HASH_KEY="k" * 32)
+    assert taken.returncode == 0, taken.stderr
+    standin.add_fault("members", members=[packed("20251101T03", 0, nested(archive.MAX_NESTING + 1))])
+    refused = cli.run(*DAY, "--refetch", *extra, AMP_HASH_KEY="k" * 32)
+    assert refused.returncode == 1
+    assert "_3#0.json.gz line 1: nested deeper than 1024 levels" in refused.stderr
+    assert len(standin.requests) == 2  # refused at once: fetching the archive again would not help
+
+
 # 5. Valid JSON out, always
 
 
