@@ -316,6 +316,8 @@ def parse_settings(argv: list[str] | None, env: Mapping, now: dt.datetime, cwd: 
     windows = plan_range(start - dt.timedelta(days=catch_up_days), end, window_hours)
     if args.report_file and not report:
         raise UsageError("--report-file goes with --report")
+    if args.lake_retention_days and not values["lake_maintain"]:  # its variable may stay set for the nightly run
+        raise UsageError("--lake-retention-days goes with --lake-maintain")
     if values["lake_maintain"] and not values["lake"]:
         raise UsageError("--lake-maintain needs --lake (or AMP_LAKE): the table to maintain")
     api_key, secret_key = ("demo", "demo") if demo or report else pick_credentials(values, env)

@@ -594,6 +594,7 @@ def test_lake_maintain_removes_the_files_of_loads_that_never_committed(cli, stan
     (("--lake", "abfss://events@acc.dfs.core.windows.net:99999/t"),
      {"AZURE_STORAGE_ACCOUNT_URL": "https://acc.blob.core.windows.net"}, "without a port"),
     (("--lake-retention-days", "-1", "--lake", "x", "--lake-maintain"), {}, "--lake-retention-days"),
+    (("--lake-retention-days", "3", "--lake", "x"), {}, "--lake-retention-days goes with --lake-maintain"),
 ])
 def test_bad_lake_settings_are_usage_errors_before_any_request(args, env, message):
     with pytest.raises(UsageError) as caught:
