@@ -99,7 +99,7 @@ def ensure_standard_streams() -> None:
         try:
             os.fstat(fd)
         except OSError:  # closed: /dev/null takes its number, then the stream Python could not make
-            os.open(os.devnull, os.O_RDWR)  # the lowest free number, fd itself: those below it are open by now
+            send_to_devnull(fd)
             stream = open(fd, mode, closefd=False, errors="backslashreplace")  # noqa: SIM115 - kept for the run
             setattr(sys, name, stream)
 
@@ -111,8 +111,14 @@ def print_for_reader(text: str, stream=None) -> None:
     try:
         print(text, file=stream, flush=True)
     except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, stream.fileno())  # so that Python's own flush at exit does not fail on it either
+        send_to_devnull(stream.fileno())  # so that Python's own flush at exit does not fail on it either
+
+
+def send_to_devnull(fd: int) -> None:
+    """Point descriptor `fd`, open or closed, at /dev/null."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    if devnull != fd:  # a closed fd is the lowest free number when those below it are open: it is taken already
+        os.dup2(devnull, fd)
         os.close(devnull)
 
 
