@@ -46,6 +46,11 @@ NOT_DATA_MEMBER = re.compile(r"(^|/)(__MACOSX/|\._)")
 # a larger directory, is split like one Amplitude finds too large, so that memory stays bounded.
 MAX_MEMBERS = 50_000
 MAX_DIRECTORY_BYTES = 8 << 20  # zipfile reads entries until this many bytes are read, whatever the count says
+# Deflate cannot expand data more than 1,032 times, and a zip's compression barely shrinks a gzip of real events
+# further, so no honest member holds more than about that many times its bytes in the archive. One that does is a decompression
+# bomb (a zip of a gzip of repeated bytes multiplies both layers): it would fill the disk before any check ended it.
+MAX_EXPANSION = 1100
+EXPANSION_SLACK_BYTES = 1 << 20  # a member of a few bytes may expand past the ratio and still be tiny
 # simdjson, which checks every line, lets through nesting up to this deep. The decoders after it (msgspec under field
 # rules and for the lake, json for a pseudonym's text) count each level against Python's recursion limit of 1,000.
 MAX_NESTING = 1024
@@ -126,8 +131,9 @@ def members_in_order(archive: zipfile.ZipFile, span: Window) -> list[zipfile.Zip
 
 def read_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo, max_event_bytes: int):
     """(member, first line number, lines) of one member, decompressed as it is read."""
+    max_bytes = member.compress_size * MAX_EXPANSION + EXPANSION_SLACK_BYTES
     with archive.open(member) as raw, open_member(raw) as events:
-        yield from read_lines(events, member.filename, max_event_bytes)
+        yield from read_lines(events, member.filename, max_event_bytes, max_bytes)
 
 
 def open_member(raw):
@@ -141,19 +147,25 @@ def open_member(raw):
     return igzip.IGzipFile(fileobj=raw, mode="rb")
 
 
-def read_lines(stream, member: str, max_event_bytes: int):
+def read_lines(stream, member: str, max_event_bytes: int, max_bytes: int | None = None):
     """Batches of complete lines, about CHUNK_BYTES at a time, without the newline or a leading byte-order mark.
 
     A line that spans whole chunks is kept as a list of pieces, joined once when it ends, so it costs about its own
     length and linear time; it comes alone in its batch. A line over `max_event_bytes` fails once that much of it
-    is read.
+    is read, and a member over `max_bytes` once that much of it is read.
     """
     tail = b""  # the unfinished end of the last chunk
     pieces: list[bytes] = []  # whole chunks without a newline that followed it
     held = 0  # bytes of the unfinished line: tail and pieces
     line_number = 1
     read_size = MIN_READ_BYTES  # grows to CHUNK_BYTES at once unless the lines are tiny
+    budget = max_bytes
     while chunk := stream.read(min(read_size, max_event_bytes + 1 - held)):
+        if budget is not None:
+            budget -= len(chunk)
+            if budget < 0:
+                raise BadEvent(member, line_number, f"expands to more than {max_bytes} bytes, over {MAX_EXPANSION} "
+                               "times its size in the archive: a decompression bomb, not an export")
         if b"\n" not in chunk:
             pieces.append(chunk)
             held += len(chunk)

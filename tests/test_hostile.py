@@ -14,6 +14,8 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
+import zlib
 
 import pytest
 
@@ -203,6 +205,53 @@ def test_an_archive_listing_more_members_than_any_export_has_is_split_before_its
         ("20251101T00", "20251101T23"), ("20251101T00", "20251101T11"), ("20251101T12", "20251101T23")]
     assert only_output(cli).read_bytes() == as_array(standin.expected_lines(DAY_START, DAY_END))
     assert cli.leftovers() == []
+
+
+def bomb(events_mb: int) -> bytes:
+    """A zip deflating a gzip of repeated events: each layer multiplies the other's expansion."""
+    line = b'{"event_type":"a","user_id":"someone@example.com"}\n'
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    block = line * ((1 << 20) // len(line))
+    member = b"".join(compressor.compress(block) for _ in range(events_mb)) + compressor.flush()
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as out:
+        out.writestr(member_name(hour("20251101T04"), 0), member)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("extra", [(), ("--hash-fields", "user_id"), ("--lake", "lake")])
+def test_a_decompression_bomb_fails_its_window_at_once_before_it_fills_the_disk(cli, standin, extra):
+    body = bomb(200)
+    assert len(body) < 10_000  # 200 MB of events in a few kilobytes
+    standin.add_fault("body", body=body, times=5)
+    result = cli.run(*DAY, *extra, AMP_HASH_KEY="k" * 32)
+    assert result.returncode == 1
+    assert re.search(r"_4#0\.json\.gz line \d+: expands to more than \d+ bytes, over 1100 times its size in the "
+                     r"archive: a decompression bomb, not an export", result.stderr), result.stderr
+    assert len(standin.requests) == 1  # the same archive again would not help
+    assert cli.outputs() == [] and cli.leftovers() == []
+    assert "someone@example.com" not in result.stderr
+
+
+def test_the_most_one_layer_of_deflate_can_expand_is_an_export(tmp_path):
+    """A gzip at its highest ratio (about 1,030 to 1) stays under the cap, which only a second layer over repeated
+    bytes, or bzip2 and lzma members, can pass."""
+    content = b"{}\n" * 3_000_000
+    packed_member = gzip.compress(content, 9)
+    assert len(content) / len(packed_member) > 1000
+    with zipfile.ZipFile(tmp_path / "a.zip", "w", zipfile.ZIP_STORED) as out:
+        out.writestr(member_name(hour("20251101T04"), 0), packed_member)
+    with zipfile.ZipFile(tmp_path / "a.zip") as export:
+        batches = archive.read_member(export, export.infolist()[0], 1 << 20)
+        assert sum(len(lines) for _, _, lines in batches) == 3_000_000
+
+
+def test_a_member_over_its_byte_budget_fails_once_that_much_is_read():
+    stream = io.BytesIO(b'{"event_type":"a"}\n' * 200_000)
+    with pytest.raises(archive.BadEvent, match=r"^m line \d+: expands to more than 1000000 bytes"):
+        for _ in archive.read_lines(stream, "m", 1 << 20, 1_000_000):
+            pass
+    assert stream.tell() <= 1_000_000 + archive.CHUNK_BYTES
 
 
 @pytest.mark.parametrize("extra", [(), ("--hash-fields", "user_id", "--drop-fields", "p"), ("--lake", "lake")])
