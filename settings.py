@@ -181,9 +181,10 @@ OPTIONS: tuple[Option, ...] = (
            "the secret key of --hash-fields, at least 32 characters", PRIVACY, secret=True),
     Option("upload", "--upload", None, switch, False, "upload each finished file, and any still pending, to Azure",
            AZURE, switch=True),
-    Option("container", "--container", "AZURE_STORAGE_CONTAINER", text, "amplitude", "blob container", AZURE, "NAME"),
-    Option("blob_prefix", "--blob-prefix", "AZURE_BLOB_PREFIX", text, "amplitude/events", "blob name prefix", AZURE,
-           "PREFIX", demo_default="demo/amplitude/events"),
+    Option("container", "--container", "AZURE_STORAGE_CONTAINER", text, "amplitude", "blob container, with --upload",
+           AZURE, "NAME"),
+    Option("blob_prefix", "--blob-prefix", "AZURE_BLOB_PREFIX", text, "amplitude/events",
+           "blob name prefix, with --upload", AZURE, "PREFIX", demo_default="demo/amplitude/events"),
     Option("connection_string", None, "AZURE_STORAGE_CONNECTION_STRING", text, None,
            "storage connection string (first choice of credentials)", AZURE, secret=True),
     Option("account_url", None, "AZURE_STORAGE_ACCOUNT_URL", text, None,
@@ -314,10 +315,7 @@ def parse_settings(argv: list[str] | None, env: Mapping, now: dt.datetime, cwd: 
     catch_up_days = pick_catch_up(values, args)
     window_hours = values["window_hours"]
     windows = plan_range(start - dt.timedelta(days=catch_up_days), end, window_hours)
-    if args.report_file and not report:
-        raise UsageError("--report-file goes with --report")
-    if args.lake_retention_days and not values["lake_maintain"]:  # its variable may stay set for the nightly run
-        raise UsageError("--lake-retention-days goes with --lake-maintain")
+    refuse_flags_alone(args, values)
     if values["lake_maintain"] and not values["lake"]:
         raise UsageError("--lake-maintain needs --lake (or AMP_LAKE): the table to maintain")
     api_key, secret_key = ("demo", "demo") if demo or report else pick_credentials(values, env)
@@ -361,6 +359,18 @@ def refuse_empty_flags(args: argparse.Namespace) -> None:
         value = getattr(args, option.name, None) if option.flag and not option.switch else None
         if isinstance(value, str) and not value.strip():
             raise UsageError(f"{option.flag}: the value is empty (leave the flag out for its default)")
+
+
+# Flags that only change what another mode does. Given without it, the flag would quietly do nothing; its variable
+# may stay set in .env for every run.
+GOES_WITH = {"report_file": "report", "lake_retention_days": "lake_maintain", "container": "upload",
+             "blob_prefix": "upload"}
+
+
+def refuse_flags_alone(args: argparse.Namespace, values: Values) -> None:
+    for name, mode in GOES_WITH.items():
+        if getattr(args, name) is not None and not values[mode]:
+            raise UsageError(f"{BY_NAME[name].flag} goes with {BY_NAME[mode].flag}")
 
 
 def build_parser() -> argparse.ArgumentParser:

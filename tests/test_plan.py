@@ -194,6 +194,12 @@ def test_base_url_from_region_or_override(argv, env, expected):
     assert settings_for(argv, env).api.base_url == expected
 
 
+def test_a_variable_of_a_mode_not_asked_for_is_no_error():
+    """AZURE_STORAGE_CONTAINER and AMP_LAKE_RETENTION_DAYS may stay in .env for the nights that upload or maintain."""
+    env = {"AZURE_STORAGE_CONTAINER": "events", "AZURE_BLOB_PREFIX": "x", "AMP_LAKE_RETENTION_DAYS": "3"}
+    assert settings_for(["--date", "2025-11-01"], env).upload is None
+
+
 def test_a_flag_wins_over_its_environment_variable():
     settings = settings_for(["--max-attempts", "3", "--workers", "4"], {"AMP_MAX_ATTEMPTS": "9", "AMP_WORKERS": "2"})
     assert (settings.api.max_attempts, settings.workers) == (3, 4)
@@ -231,6 +237,9 @@ def test_a_flag_wins_over_its_environment_variable():
         (["--date", ""], {}, "--date: the value is empty"),
         (["--data-dir", " "], {}, "--data-dir: the value is empty"),
         (["--lake="], {}, "--lake: the value is empty"),
+        (["--container", "events"], {}, "--container goes with --upload"),
+        (["--blob-prefix", "x/y"], {}, "--blob-prefix goes with --upload"),
+        (["--lake-retention-days", "0", "--lake", "t"], {}, "--lake-retention-days goes with --lake-maintain"),
     ],
 )
 def test_bad_settings_are_refused_with_a_clear_message(argv, env, message):
