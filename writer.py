@@ -19,6 +19,10 @@ from windows import Window, format_hour, hours_between
 GZIP_LEVEL = isal_zlib.ISAL_DEFAULT_COMPRESSION
 MAX_TYPES = 10_000  # event types counted by name per window; the rest together under OTHER_TYPES
 OTHER_TYPES = "(other types)"
+# Event types are counted by name in memory, the manifest and the report. Amplitude's SDKs cut text at 1,024 to
+# 4,096 characters; a longer name is counted under its first MAX_TYPE_CHARS and an ellipsis, so that an archive
+# of a few kilobytes naming each event by a megabyte of text cannot make a line of the manifest gigabytes long.
+MAX_TYPE_CHARS = 1024
 
 
 class EventWriter:
@@ -224,6 +228,8 @@ class Tally:
         self.runs: list[list] = [list(run) for run in runs or []]  # [hour or None, events] in the file's order
 
     def add(self, hour: dt.datetime | None, types: list[str]) -> None:
+        if types and max(map(len, types)) > MAX_TYPE_CHARS:
+            types = [name if len(name) <= MAX_TYPE_CHARS else f"{name[:MAX_TYPE_CHARS]}…" for name in types]
         if hour is None:
             self.unplaced += len(types)
         else:

@@ -63,6 +63,22 @@ def test_long_lines_under_field_rules_cost_a_bounded_number_of_copies(tmp_path):
     assert peak_mb < RULES_BUDGET_MB + 20 * line_mb, f"peak RSS {peak_mb} MB"
 
 
+def test_events_named_by_megabytes_of_text_keep_the_manifest_and_memory_small(tmp_path):
+    """An event type is counted by name in memory, the manifest and the report: a few kilobytes of archive naming
+    each event by a megabyte of its own text must not cost a megabyte a name."""
+    events = 300
+    lines = (b'{"event_type":"%d' % number + b"a" * (1 << 20) + b'"}\n' for number in range(events))
+    packed = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    data = b"".join(packed.compress(line) for line in lines) + packed.flush()
+    peak_mb = measured_export(tmp_path, [(member_name(hour("20251101T05"), 0), data)])
+    manifest = tmp_path / "data" / "manifest.jsonl"
+    assert manifest.stat().st_size < 400_000
+    types = json.loads(manifest.read_text())["event_types"]
+    assert len(types) == events and {len(name) for name in types} == {1025}
+    assert types[f"0{'a' * 1023}…"] == 1
+    assert peak_mb < RSS_BUDGET_MB, f"peak RSS {peak_mb} MB"
+
+
 def measured_export(tmp_path, members, *flags, expected_status=0, **env_extra) -> float:
     """fetch_data.py exporting a zip of `members` (name, gzipped bytes), ending in `expected_status`: its peak RSS in MB."""
     archive = tmp_path / "crafted.zip"

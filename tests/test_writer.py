@@ -166,3 +166,10 @@ def test_a_failed_sync_fails_the_file(tmp_path, monkeypatch):
         for line in big_lines(3):
             out.write_events([line])
         out.finish()
+
+
+def test_a_long_event_type_is_counted_under_its_first_1024_characters():
+    tally = writer.Tally()
+    long_name = "x" * 5000
+    tally.add(None, ["short", long_name, long_name + "y", "z" * 1024])
+    assert tally.types == {"short": 1, f"{'x' * 1024}…": 2, "z" * 1024: 1}
