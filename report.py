@@ -41,6 +41,7 @@ COLLAPSE_SHARE = 0.2  # below this share of the expected count an hour has colla
 MIN_EXPECTED = 20  # expectations smaller than this are noise: no collapse is flagged against them
 STOPPED_MIN = 5  # a type with at least this many events the day before, and none on a day, has stopped
 TYPE_COLUMNS = 12  # event types with a column of their own on the page; the rest are summed
+TYPE_FLAGS_NAMED = 5  # event types named as stopped, and as appeared, in a day's flags; the rest are counted
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 
@@ -265,12 +266,19 @@ def build_days(report: Report, current: list[Export]) -> list[Day]:
     for before, day in zip(days, days[1:], strict=False):
         if before.missing or day.missing:
             continue  # a missing hour explains a type's absence better than tracking does
-        for name in sorted(set(before.types) | set(day.types)):
-            if before.types[name] >= STOPPED_MIN and not day.types[name]:
-                day.type_flags.append(f"{name} stopped")
-            elif day.types[name] and not before.types[name]:
-                day.type_flags.append(f"{name} appeared")
+        stopped = sorted(name for name, count in before.types.items() if count >= STOPPED_MIN and not day.types[name])
+        appeared = sorted(name for name, count in day.types.items() if count and not before.types[name])
+        day.type_flags = named_flags(stopped, "stopped") + named_flags(appeared, "appeared")
     return days
+
+
+def named_flags(names: list[str], change: str) -> list[str]:
+    """A flag for each name, up to TYPE_FLAGS_NAMED; the rest counted in one. A client that puts an ID into its
+    event names makes thousands of types appear and stop every day, which would bury the other flags."""
+    flags = [f"{name} {change}" for name in names[:TYPE_FLAGS_NAMED]]
+    if len(names) > TYPE_FLAGS_NAMED:
+        flags.append(f"{len(names) - TYPE_FLAGS_NAMED:,} more types {change}")
+    return flags
 
 
 # Output: the table on stdout and the page.

@@ -88,6 +88,15 @@ def test_a_collapse_is_judged_against_the_same_hour_on_the_days_before(tmp_path)
     assert [(format_hour(h.moment), h.flag) for h in built.hours if h.flag] == [("20251105T14", "collapsed")]
 
 
+def test_a_day_of_many_new_types_names_five_of_each_change_and_counts_the_rest(tmp_path):
+    """A client that puts an ID into its event names: thousands of types stop and appear every day."""
+    write_export(tmp_path, "20251101T00", "20251101T23", types={"page_view": 9, **{f"item {n}": 5 for n in range(900)}})
+    write_export(tmp_path, "20251102T00", "20251102T23", types={"page_view": 9, **{f"item {n}": 1 for n in range(900, 1600)}})
+    flags = build(tmp_path, "20251101T00", "20251102T23").days[1].flags
+    assert flags == [*(f"item {n} stopped" for n in (0, 1, 10, 100, 101)), "895 more types stopped",
+                     *(f"item {n} appeared" for n in (1000, 1001, 1002, 1003, 1004)), "695 more types appeared"]
+
+
 def test_no_collapse_on_a_young_history(tmp_path):
     write_export(tmp_path, "20251101T00", "20251101T23", day_counts())
     write_export(tmp_path, "20251102T00", "20251102T23", day_counts(T10=1))
