@@ -504,8 +504,9 @@ def pick_credentials(values: Values, env: Mapping) -> tuple[str, str]:
             f"{' and '.join(missing)} not set: put {pronoun} in .env{looked} or the environment; see .env.example"
         )
     for name, variable in names.items():
-        # HTTP Basic sends latin-1; Amplitude's keys are hex, so anything else is a copy-paste accident.
-        if not (keys[name].isascii() and keys[name].isprintable()):
+        # Amplitude's keys are hex. Quotes, spaces or a colon (which would cut the key short in HTTP Basic) are a
+        # copy-paste accident, whose 401 would come only after a request.
+        if not re.fullmatch(r"[A-Za-z0-9._~+/=-]+", keys[name]):
             raise UsageError(f"{variable} holds characters an Amplitude key never has (check for stray quotes or spaces)")
     return keys["api_key"], keys["secret_key"]
 

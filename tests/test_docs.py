@@ -162,6 +162,7 @@ def messages_the_program_prints(tmp_path, monkeypatch, caplog) -> list[str]:
         messages.append(run.stderr)
     messages.append(usage_error([], Environment({}, files=(tmp_path / ".env", ROOT / ".env"))))
     messages.append(usage_error([], {**keys, "AMP_BASE_URL": "http://analytics.eu.amplitude.com"}))
+    messages.append(usage_error([], {**keys, "AMP_API_KEY": '"0123abcd"'}))
     monkeypatch.setitem(sys.modules, "azure.storage.blob", None)
     messages.append(usage_error(["--upload"], {**keys, "AZURE_STORAGE_CONNECTION_STRING": "x"}))
     monkeypatch.undo()
