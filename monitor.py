@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import urllib.parse
 from pathlib import Path
@@ -46,20 +47,32 @@ class Watch:
 
 
 def ping(url: str, suffix: str, document: dict | None) -> None:
-    """One ping, 10 s at most; what goes wrong is said without the URL and changes nothing else."""
+    """One ping, PING_TIMEOUT seconds at most in all: a monitor that trickles its answer, or never ends it, must not
+    hold the night's run. What goes wrong is said without the URL and changes nothing else."""
+    kind = {"/start": "start", "": "success", "/fail": "failure"}[suffix]
+    sender = threading.Thread(target=send_ping, args=(url, suffix, document, kind), daemon=True)
+    sender.start()
+    sender.join(PING_TIMEOUT)
+    if sender.is_alive():  # the thread ends with the process
+        log.warning("The %s ping to the monitor was not answered within %g s; the export is not affected", kind,
+                    PING_TIMEOUT)
+
+
+def send_ping(url: str, suffix: str, document: dict | None, kind: str) -> None:
     import requests
 
-    kind = {"/start": "start", "": "success", "/fail": "failure"}[suffix]
     body = json.dumps(document, ensure_ascii=True).encode() if document is not None else b""
     try:
         with requests.Session() as session:
             if urllib.parse.urlsplit(url).scheme == "http":  # loopback only (checked in settings): never a proxy
                 session.trust_env = False
-            answer = session.post(url.rstrip("/") + suffix, data=body, timeout=PING_TIMEOUT, allow_redirects=False,
-                                  headers={"User-Agent": USER_AGENT, "Content-Type": "application/json"})
-        if answer.status_code >= 300:
-            log.warning("The %s ping to the monitor was answered HTTP %d; the export is not affected", kind,
-                        answer.status_code)
+            # stream: the status is all a ping needs; a body, however long, is never read.
+            with session.post(url.rstrip("/") + suffix, data=body, timeout=PING_TIMEOUT, allow_redirects=False,
+                              headers={"User-Agent": USER_AGENT, "Content-Type": "application/json"},
+                              stream=True) as answer:
+                status = answer.status_code
+        if status >= 300:
+            log.warning("The %s ping to the monitor was answered HTTP %d; the export is not affected", kind, status)
     except requests.RequestException as exc:
         log.warning("The %s ping to the monitor failed (%s); the export is not affected", kind, type(exc).__name__)
 

@@ -1,11 +1,15 @@
 """A run every scheduler can watch: the --json summary, the dead man's switch, the metrics file."""
 
+import contextlib
 import json
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+
+import monitor
 
 DAY = ("--date", "2025-11-01")
 SECRET_PATH = "/ping/0f3c9e1a-secret-uuid"
@@ -136,6 +140,52 @@ def test_a_ping_that_fails_is_a_warning_and_never_fails_the_export(cli, standin)
     assert result.returncode == 0, result.stderr
     assert "WARNING - The start ping to the monitor failed (ConnectionError); the export is not affected" in result.stderr
     assert "secret-uuid" not in result.stderr + cli.everything_written()
+
+
+class EndlessAnswer(BaseHTTPRequestHandler):
+    """A monitor that answers 200, then trickles its body a byte at a time (or, `in_headers`, one header line) and
+    ends only after GIVE_UP seconds: every read gets a byte long before the read timeout."""
+
+    in_headers = False
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.wfile.write(b"HTTP/1.1 200 OK\r\n" + (b"X-Slow: " if self.in_headers else b"\r\n"))
+        deadline = time.monotonic() + GIVE_UP
+        with contextlib.suppress(OSError):
+            while time.monotonic() < deadline and not self.server.closing.wait(0.05):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+
+    def log_message(self, *args):
+        pass
+
+
+GIVE_UP = 8
+
+
+@pytest.mark.parametrize("in_headers", [False, True])
+def test_a_monitor_that_never_ends_its_answer_holds_the_run_no_longer_than_the_ping_timeout(
+        monkeypatch, caplog, in_headers):
+    handler = type("Handler", (EndlessAnswer,), {"in_headers": in_headers})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.closing = threading.Event()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(monitor, "PING_TIMEOUT", 1.0)
+    try:
+        started = time.monotonic()
+        monitor.ping(f"http://127.0.0.1:{server.server_address[1]}{SECRET_PATH}", "", {"status": "ok"})
+        took = time.monotonic() - started
+    finally:
+        server.closing.set()
+        server.shutdown()
+        server.server_close()
+    assert took < GIVE_UP / 2
+    if in_headers:
+        assert "The success ping to the monitor was not answered within 1 s" in caplog.text
+    else:
+        assert "WARNING" not in caplog.text  # a 200 is a success, whatever follows it
+    assert "secret-uuid" not in caplog.text
 
 
 @pytest.mark.parametrize(
