@@ -18,6 +18,7 @@ import time
 import urllib.parse
 from pathlib import Path
 
+from own_files import NotRegular, not_regular, open_regular
 from urls import has_host_and_port, plain_http_elsewhere
 
 log = logging.getLogger("fetch_data")
@@ -25,6 +26,7 @@ log = logging.getLogger("fetch_data")
 PING_TIMEOUT = 10.0
 USER_AGENT = "amplitude-eu-export/1.0 (fetch_data.py)"
 PREFIX = "amplitude_export_"
+MAX_METRICS_BYTES = 1 << 20  # the file holds a dozen lines; more is not ours to read
 
 
 class Watch:
@@ -94,6 +96,9 @@ def check_metrics_file(path: Path, source: str) -> Path:
         raise ValueError(f"{source} {path}: node_exporter reads files named *.prom only")
     if not path.parent.is_dir():
         raise ValueError(f"{source} {path}: the folder {path.parent} does not exist")
+    kind = not_regular(path)
+    if kind:  # written by a rename over it, which would replace the link or the device
+        raise ValueError(f"{source} {path} is {kind}, not a file the metrics can be written to")
     return path
 
 
@@ -118,6 +123,9 @@ def write_metrics(path: Path, data_dir: str, document: dict, now: float) -> None
     gauge("duration_seconds", "How long the last run took", document["seconds"])
     gauge("exit_code", "The last run's exit code: 0 ok, 1 failed, 2 bad settings", document["exit_code"])
     try:
+        kind = not_regular(path)  # made so since the run began
+        if kind:
+            raise NotRegular(0, f"it is {kind}")
         write_to_textfile(str(path), registry)
     except OSError as exc:
         log.warning("Cannot write the metrics file %s (%s)", path, exc.strerror or exc)
@@ -127,11 +135,12 @@ def previous_value(path: Path, name: str, data_dir: str) -> float | None:
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
-        text = path.read_text()
+        with open_regular(path) as metrics:  # never a link, and never a pipe that blocks or a device without end
+            text = metrics.read(MAX_METRICS_BYTES).decode("utf-8")
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 if sample.name == name and sample.labels.get("data_dir") == data_dir:
                     return sample.value
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # UnicodeDecodeError is one
         return None
     return None

@@ -51,6 +51,21 @@ def open_regular(path: Path, flags: int = os.O_RDONLY, mode: str = "rb"):
     return os.fdopen(fd, mode)
 
 
+def not_regular(path: Path) -> str | None:
+    """What stands at `path` when it is not a regular file (a link, a folder, a device, a pipe); None when it is one
+    or nothing is there. A file written by renaming over it must be checked: the rename replaces a link, and (as
+    root) a device such as /dev/full, instead of writing to it."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    return "a folder" if stat.S_ISDIR(mode) else "a device, a pipe or a socket"
+
+
 def write_durably(path: Path, content: bytes) -> None:
     with open_own_file(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "wb") as out:
         out.write(content)
@@ -60,6 +75,9 @@ def write_durably(path: Path, content: bytes) -> None:
 
 def write_atomically(path: Path, content: bytes) -> None:
     """Write beside `path`, fsync, rename over it: a reader sees the old file or the new one, never half of one."""
+    kind = not_regular(path)
+    if kind:
+        raise NotRegular(errno.EINVAL, f"it is {kind}, not a regular file", str(path))
     temp = path.with_name(f".{path.name}-{uuid.uuid4().hex[:8]}.tmp")
     try:
         write_durably(temp, content)

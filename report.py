@@ -18,7 +18,7 @@ from pathlib import Path
 
 from errors import EXIT_FAILED, EXIT_OK, ExportError, UsageError
 from logging_config import print_for_reader, printable
-from own_files import write_atomically
+from own_files import not_regular, write_atomically
 from store import (
     JOURNAL_NAME,
     LOCK_NAME,
@@ -163,9 +163,11 @@ def run(settings, outcome: Outcome) -> int:
 
 
 def refuse_own_file(target: Path, data_dir: Path, manifest: Path) -> None:
-    """The report never replaces the manifest, the exporter's own files, an export file or a folder."""
-    if target.is_dir():
-        raise UsageError(f"{target} is a folder, not a file the report can be written to; remove it, or name another "
+    """The report never replaces the manifest, the exporter's own files, an export file, a folder, a link or a
+    device."""
+    kind = not_regular(target)
+    if kind:
+        raise UsageError(f"{target} is {kind}, not a file the report can be written to; remove it, or name another "
                          "file with --report-file")
     if target.resolve().parent != data_dir.resolve():
         return

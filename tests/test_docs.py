@@ -231,7 +231,7 @@ def messages_the_program_prints(tmp_path, monkeypatch, caplog) -> list[str]:
 
     messages.append(failure_of(azure_upload.UploadError, uploader._already_there, TakenBlob(), "p/x.json", "0" * 64))
     messages.append(usage_error(["--upload"], {**keys, "AZURE_STORAGE_ACCOUNT_URL": "http://acct.blob.core.windows.net"}))
-    messages.append(failure_of(UsageError, report.refuse_own_file, tmp_path / "manifest.jsonl", tmp_path,
+    messages.append(failure_of(UsageError, report.refuse_own_file, tmp_path / ".lock", tmp_path,
                                tmp_path / "manifest.jsonl"))
     typo = parse_settings(["--date", "2025-11-01", "--drop-fields", "ip_adress"], keys, now)
     typo.field_rules.apply([b'{"ip_address":"10.0.0.1"}'])

@@ -2,7 +2,9 @@
 
 import contextlib
 import json
+import os
 import socket
+import stat
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -231,6 +233,28 @@ def test_a_metrics_file_node_exporter_would_not_read_is_refused(cli, standin, tm
     result = cli.run(*DAY, "--metrics-file", str(tmp_path / "amplitude.txt"))
     assert result.returncode == 2
     assert "node_exporter reads files named *.prom only" in result.stderr
+
+
+def test_a_link_or_a_device_where_the_metrics_go_is_a_usage_error_and_stays(cli, standin):
+    from tests.test_report import special_files
+
+    for target, kind in special_files(cli.workdir, ".prom"):
+        before = os.lstat(target)
+        result = cli.run(*DAY, "--metrics-file", str(target))
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert f"--metrics-file {target} is {kind}, not a file the metrics can be written to" in result.stderr
+        after = os.lstat(target)
+        assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
+    assert cli.outputs() == []
+
+
+def test_a_metrics_file_that_became_a_pipe_is_neither_read_nor_replaced(tmp_path):
+    target = tmp_path / "amplitude.prom"
+    os.mkfifo(target)  # opened for reading, a pipe without a writer would block the run's end for ever
+    document = {"status": "failed", "events": 0, "hours": {"exported": 0, "missing": 24}, "seconds": 1.0,
+                "exit_code": 1}
+    monitor.write_metrics(target, "/data", document, 1_700_000_000.0)
+    assert stat.S_ISFIFO(os.lstat(target).st_mode)
 
 
 def test_the_summary_counts_uploads(cli, standin, azurite):

@@ -1,11 +1,13 @@
 """--report and --verify: every hour of a range accounted for, flags a data engineer would accept, and the page
 as a person sees it in a real browser (headless Chromium, offline, from a file:// URL)."""
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
 import os
 import re
+import stat
 import time
 from pathlib import Path
 
@@ -168,6 +170,34 @@ def test_the_report_never_cuts_a_manifest_line_an_export_may_be_appending(cli, s
     before = manifest.read_bytes()
     assert cli.run("--report", *DAY).returncode == 0
     assert manifest.read_bytes() == before
+
+
+SPECIAL = "a device, a pipe or a socket"
+
+
+def special_files(folder: Path, suffix: str) -> list[tuple[Path, str]]:
+    """A link, a pipe and (where the user may make one) a device like /dev/full, each where a file is written by a
+    rename over it: the rename would replace it instead of writing to it. (path, what the message calls it)"""
+    (folder / f"elsewhere{suffix}").write_text("kept")
+    (folder / f"link{suffix}").symlink_to(folder / f"elsewhere{suffix}")
+    os.mkfifo(folder / f"pipe{suffix}")
+    made = [(folder / f"link{suffix}", "a symbolic link"), (folder / f"pipe{suffix}", SPECIAL)]
+    with contextlib.suppress(PermissionError):
+        os.mknod(folder / f"device{suffix}", 0o600 | stat.S_IFCHR, os.makedev(1, 7))
+        made.append((folder / f"device{suffix}", SPECIAL))
+    return made
+
+
+def test_a_link_or_a_device_where_the_report_goes_is_a_usage_error_and_stays(cli, standin):
+    assert cli.run(*DAY).returncode == 0
+    for target, kind in special_files(cli.workdir, ".html"):
+        before = os.lstat(target)
+        result = cli.run("--report", *DAY, "--report-file", str(target))
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert f"{target} is {kind}, not a file the report can be written to" in result.stderr
+        after = os.lstat(target)
+        assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
+    assert (cli.workdir / "elsewhere.html").read_text() == "kept"
 
 
 @pytest.mark.parametrize("flags", [(), ("--report-file", "out/r.html")])
