@@ -126,6 +126,9 @@ def members_in_order(archive: zipfile.ZipFile, span: Window) -> list[zipfile.Zip
         log.warning("%s: skipping archive member %s, not a data file (.json or .json.gz)", span, name)
     for name in members_outside(members, span):
         log.warning("%s: archive member %s is named for an hour outside the window; exporting it", span, name)
+    if not members:  # Amplitude says "no data" with a 404: a 200 without data may come from something between
+        log.warning("%s: the archive holds no data member; recorded as 0 events (if events were expected, export "
+                    "these hours again with --refetch)", span)
     return members
 
 

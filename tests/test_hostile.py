@@ -194,6 +194,17 @@ def test_plain_members_are_read_odd_members_skipped_and_stray_hours_flagged(cli,
     assert f"archive member {stray[0]} is named for an hour outside the window; exporting it" in result.stderr
 
 
+@pytest.mark.parametrize("members", [[], [("readme.txt", b"not data")]])
+def test_a_200_without_data_is_recorded_as_empty_with_a_warning(cli, standin, members):
+    """Amplitude says "no data" with a 404; a zip without data may come from something between, so it is said."""
+    standin.add_fault("members", members=members)
+    result = cli.run(*DAY)
+    assert result.returncode == 0, result.stderr
+    assert only_output(cli).read_bytes() == b"[]\n"
+    assert ("20251101T00-20251101T23: the archive holds no data member; recorded as 0 events (if events were "
+            "expected, export these hours again with --refetch)") in result.stderr
+
+
 def test_an_archive_listing_more_members_than_any_export_has_is_split_before_its_directory_is_read(cli, standin):
     listed = archive.MAX_MEMBERS + 1
     standin.add_fault("members", members=[packed("20251101T05", part, b"") for part in range(listed)])
