@@ -17,13 +17,14 @@ import logging
 
 import msgspec
 
-from archive import mask_surrogates, unmask_surrogates
+from archive import NO_EVENT_TYPE, mask_surrogates, unmask_surrogates
 
 log = logging.getLogger("fetch_data")
 
 HASH_KEY_VARIABLE = "AMP_HASH_KEY"
 MIN_KEY_CHARS = 32
 KEY_ID_DIGITS = 12
+EVENT_TYPE = "event_type"
 CACHE_ENTRIES = 16_384  # pseudonyms remembered per field (about 3 MB each): the users who come back all day
 
 OBJECT = msgspec.json.Decoder(dict[str, msgspec.Raw])
@@ -137,6 +138,10 @@ class Pseudonymiser:
         # Paths no event has carried yet; once empty (on the first events, as a rule) the check costs nothing.
         self._unmatched: set[str] = set(self._paths)
         self.events = 0
+        # Event types are counted (the manifest, the report) from the lines as they arrived: a rule on event_type
+        # applies to the counts too.
+        self._type_rule = "drop" if EVENT_TYPE in rules.dropped else "hash" if EVENT_TYPE in rules.hashed else None
+        self._type_pseudonyms: dict[str, str] = {}
 
     def unmatched(self) -> list[str]:
         """The paths no event carried, once events went through: a typo there keeps personal data."""
@@ -156,6 +161,25 @@ class Pseudonymiser:
         """Events a worker process applied the rules to, and the paths they carried."""
         self.events += events
         self._unmatched -= carried
+
+    def counted_types(self, types: list[str]) -> list[str]:
+        """The event types of a batch as its written events have them: none when the rules drop `event_type`, the
+        pseudonyms when they hash it, else as they are."""
+        if self._type_rule is None:
+            return types
+        if self._type_rule == "drop":
+            return [NO_EVENT_TYPE] * len(types)
+        known = self._type_pseudonyms
+        counted = []
+        for name in types:
+            if name not in known:
+                if len(known) >= CACHE_ENTRIES:
+                    known.clear()
+                mac = self._hmac.copy()
+                mac.update(name.encode("utf-8", "surrogatepass"))
+                known[name] = NO_EVENT_TYPE if name == NO_EVENT_TYPE else mac.hexdigest()
+            counted.append(known[name])
+        return counted
 
     def apply(self, lines: list[bytes]) -> list[bytes]:
         """Each event with the rules applied, or the very same bytes when it carries none of the fields.

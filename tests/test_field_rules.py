@@ -1,5 +1,6 @@
 """Field rules: dropping and pseudonymising personal data while streaming, exact for everything kept."""
 
+import collections
 import datetime as dt
 import hashlib
 import hmac
@@ -9,6 +10,7 @@ import re
 import pytest
 
 import field_rules
+from amplitude_standin import EVENT_TYPES
 from errors import UsageError
 from field_rules import FieldRules, Pseudonymiser, RuleError, rules_from
 from settings import parse_settings
@@ -169,6 +171,38 @@ def test_an_export_with_field_rules(cli, standin):
                                 "key_id": hashlib.sha256(KEY.encode()).hexdigest()[:12]}
     for text in (result.stderr, cli.everything_written()):
         assert KEY not in text and API_KEY not in text
+
+
+def test_event_types_are_counted_as_the_rules_write_them():
+    names = ["signup", "(no event_type)", "signup", "7"]
+    assert rules(hashed=["event_type"]).counted_types(names) == [
+        pseudonym("signup"), "(no event_type)", pseudonym("signup"), pseudonym("7")]
+    assert rules(dropped=["event_type"]).counted_types(names) == ["(no event_type)"] * 4
+    assert rules(dropped=["event_properties.event_type"], hashed=["user_id"]).counted_types(names) is names
+
+
+@pytest.mark.parametrize("flag", ["--hash-fields", "--drop-fields"])
+@pytest.mark.parametrize("members", [24, 1], ids=["on the workers", "on the download thread"])
+def test_a_rule_on_event_type_applies_to_the_counts_and_the_report_too(cli, standin, flag, members):
+    """Event types are counted from the lines as they arrived: the manifest and the report must not show what the
+    rules took out of the file."""
+    end = "20251101T23" if members == 24 else "20251101T00"
+    result = cli.run("--start", "20251101T00", "--end", end, flag, "event_type", "--format", "jsonl",
+                     AMP_HASH_KEY=KEY)
+    assert result.returncode == 0, result.stderr
+    assert cli.run("--report", "--start", "20251101T00", "--end", end).returncode == 0
+    (output,) = cli.outputs()
+    written = collections.Counter(json.loads(line).get("event_type", "(no event_type)")
+                                  for line in output.read_bytes().splitlines())
+    assert cli.manifest()[0]["event_types"] == written
+    if flag == "--hash-fields":
+        assert written.keys() and written.keys() <= {pseudonym(name) for name in EVENT_TYPES}
+    else:
+        assert written.keys() == {"(no event_type)"}
+    report_page = (cli.data / "report.html").read_text()
+    for name in EVENT_TYPES:
+        for text in (report_page, cli.everything_written(), result.stderr):
+            assert name not in text
 
 
 def test_resume_skips_only_hours_exported_under_the_same_policy(cli, standin):
