@@ -47,8 +47,8 @@ NOT_DATA_MEMBER = re.compile(r"(^|/)(__MACOSX/|\._)")
 MAX_MEMBERS = 50_000
 MAX_DIRECTORY_BYTES = 8 << 20  # zipfile reads entries until this many bytes are read, whatever the count says
 # Deflate cannot expand data more than 1,032 times, and a zip's compression barely shrinks a gzip of real events
-# further, so no honest member holds more than about that many times its bytes in the archive. One that does is a decompression
-# bomb (a zip of a gzip of repeated bytes multiplies both layers): it would fill the disk before any check ended it.
+# further, so no honest member holds more than about that many times its bytes in the archive. One that does is a
+# decompression bomb (a zip of a gzip of repeated bytes multiplies both layers): it would fill the disk first.
 MAX_EXPANSION = 1100
 EXPANSION_SLACK_BYTES = 1 << 20  # a member of a few bytes may expand past the ratio and still be tiny
 # simdjson, which checks every line, lets through nesting up to this deep. The decoders after it (msgspec under field
