@@ -37,8 +37,9 @@ UTF8_BOM = b"\xef\xbb\xbf"
 SAMPLE_BYTES = 80  # the start of a refused line a message may show, when no field rules are asked for
 NO_EVENT_TYPE = "(no event_type)"
 GZIP_MAGIC = b"\x1f\x8b"
-# Seen in Amplitude archives: <project>/<project>_<YYYY-MM-DD>_<H>#<N>.json.gz, the hour not zero-padded.
-MEMBER_NAME = re.compile(r"_(\d{4}-\d{2}-\d{2})_(\d{1,2})#(\d+)\.json(?:\.gz)?$")
+# Seen in Amplitude archives: <project>/<project>_<YYYY-MM-DD>_<H>#<N>.json.gz, the hour not zero-padded. A name
+# without the part number (#N) still gives its hour, as part 0.
+MEMBER_NAME = re.compile(r"_(\d{4}-\d{2}-\d{2})_(\d{1,2})(?:#(\d+))?\.json(?:\.gz)?$")
 # Names of files that are not data: macOS resource forks and folders some zip tools add.
 NOT_DATA_MEMBER = re.compile(r"(^|/)(__MACOSX/|\._)")
 # Reading a zip's directory costs about 600 bytes of memory a member, and zipfile holds the directory itself while it
@@ -443,4 +444,4 @@ def member_order_key(name: str) -> int:
     """Hour order for archive members named for their hour: date, hour, part number, as one number (the hour is not
     zero-padded in names)."""
     day, hour, part = MEMBER_NAME.search(name).groups()
-    return (int(day.replace("-", "")) * 100 + int(hour)) << 64 | min(int(part), (1 << 64) - 1)
+    return (int(day.replace("-", "")) * 100 + int(hour)) << 64 | min(int(part or 0), (1 << 64) - 1)

@@ -121,6 +121,7 @@ def test_members_sort_by_hour_then_part_not_by_string():
         "187/187_2025-10-31_23#0.json.gz",
         "187/187_2025-11-01_2#10.json.gz",
         "187/187_2025-11-01_9#0.json.gz",
+        "187/187_2025-11-01_3.json.gz",
         "a-unnamed.json",
         "readme.txt",
     ]
@@ -130,6 +131,7 @@ def test_members_sort_by_hour_then_part_not_by_string():
         "187/187_2025-11-01_2#0.json.gz",
         "187/187_2025-11-01_2#1.json.gz",
         "187/187_2025-11-01_2#10.json.gz",
+        "187/187_2025-11-01_3.json.gz",
         "187/187_2025-11-01_9#0.json.gz",
         "187/187_2025-11-01_10#0.json.gz",
         "a-unnamed.json",
