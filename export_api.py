@@ -34,7 +34,7 @@ CONNECT_TIMEOUT = 10.0
 RETRY_AFTER_CAP = 60.0
 ERROR_BODY_CHARS = 200
 ERROR_BODY_BYTES = 4096
-NO_DATA_TEXT = "Raw data files were not found"  # Amplitude's 404 body for a range without events
+NO_DATA_TEXT = "raw data files were not found"  # Amplitude's 404 body for a range without events, in any case
 TOO_LARGE_TEXT = "too large"  # in Amplitude's 400 body for an export over its 4 GB limit
 # Amplitude answers an export over 4 GB with a 400: a longer answer is not one, and would fill the disk if it never
 # ended (a body sent with Content-Encoding: gzip grows as it is decoded). It is split like a window too large.
@@ -207,7 +207,7 @@ def classify(answer: Answer, delay: float) -> str:
     status = answer.status
     if status == 200:
         return "ok"
-    if status == 404 and NO_DATA_TEXT in answer.body:
+    if status == 404 and NO_DATA_TEXT in answer.body.lower():
         return "empty"
     if status == 404:
         raise ExportError(

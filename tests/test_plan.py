@@ -340,7 +340,8 @@ def test_a_400_that_is_not_too_large_fails_with_its_first_line():
 
 @pytest.mark.parametrize(
     "status, body, expected",
-    [(200, "", "ok"), (404, "Raw data files were not found.", "empty"), (404, "Raw data files were not found", "empty")],
+    [(200, "", "ok"), (404, "Raw data files were not found.", "empty"), (404, "Raw data files were not found", "empty"),
+     (404, '{"error": "raw data files were not found."}', "empty")],
 )
 def test_classify_success_and_empty(status, body, expected):
     assert classify(answer(status, body=body), 1) == expected
