@@ -19,10 +19,12 @@ from windows import Window, format_hour, hours_between
 GZIP_LEVEL = isal_zlib.ISAL_DEFAULT_COMPRESSION
 MAX_TYPES = 10_000  # event types counted by name per window; the rest together under OTHER_TYPES
 OTHER_TYPES = "(other types)"
-# Event types are counted by name in memory, the manifest and the report. Amplitude's SDKs cut text at 1,024 to
-# 4,096 characters; a longer name is counted under its first MAX_TYPE_CHARS and an ellipsis, so that an archive
-# of a few kilobytes naming each event by a megabyte of text cannot make a line of the manifest gigabytes long.
-MAX_TYPE_CHARS = 1024
+# Event types are counted by name in memory, the manifest and the report. A longer name is counted under its first
+# MAX_TYPE_CHARS and an ellipsis: MAX_TYPES names of control characters, six bytes each in JSON, then fill 12 MB,
+# within the longest manifest line a run reads back (store.MAX_LINE_BYTES). Longer names, or an archive of a few
+# kilobytes naming each event by a megabyte of text, would make a line no run can read, and the window be exported
+# again every night.
+MAX_TYPE_CHARS = 200
 
 
 class EventWriter:

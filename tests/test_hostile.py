@@ -20,6 +20,7 @@ import zlib
 import pytest
 
 import archive
+import writer
 from amplitude_standin import NOT_FOUND_TEXT, build_archive, member_name
 from tests.conftest import as_array, hour, wait_for
 
@@ -263,6 +264,21 @@ def test_a_member_over_its_byte_budget_fails_once_that_much_is_read():
         for _ in archive.read_lines(stream, "m", 1 << 20, 1_000_000):
             pass
     assert stream.tell() <= 1_000_000 + archive.CHUNK_BYTES
+
+
+def test_a_window_of_ten_thousand_long_odd_event_types_is_recorded_and_resumed(cli, standin):
+    """Each type's name counted whole, escaped in JSON, made a manifest line no run could read back: the window was
+    exported again every night."""
+    count = writer.MAX_TYPES + 1
+    lines = b"".join(b'{"event_type":"%d%s"}\n' % (number, b"\\u0001" * 1100) for number in range(count))
+    standin.add_fault("members", members=[packed("20251101T00", 0, lines)], times=2)
+    assert cli.run(*DAY).returncode == 0
+    (record,) = cli.manifest()
+    assert record["events"] == count and len(record["event_types"]) == writer.MAX_TYPES
+    standin.requests.clear()
+    again = cli.run(*DAY)
+    assert again.returncode == 0 and standin.requests == [] and len(cli.outputs()) == 1
+    assert "damaged" not in again.stderr
 
 
 @pytest.mark.parametrize("extra", [(), ("--hash-fields", "user_id", "--drop-fields", "p"), ("--lake", "lake")])

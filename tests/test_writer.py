@@ -6,8 +6,10 @@ import hashlib
 import json
 import os
 
+import msgspec
 import pytest
 
+import store
 import writer
 from tests.conftest import as_array, as_jsonl
 from writer import EventWriter, Sink
@@ -168,8 +170,17 @@ def test_a_failed_sync_fails_the_file(tmp_path, monkeypatch):
         out.finish()
 
 
-def test_a_long_event_type_is_counted_under_its_first_1024_characters():
+def test_a_long_event_type_is_counted_under_its_first_200_characters():
     tally = writer.Tally()
     long_name = "x" * 5000
-    tally.add(None, ["short", long_name, long_name + "y", "z" * 1024])
-    assert tally.types == {"short": 1, f"{'x' * 1024}…": 2, "z" * 1024: 1}
+    tally.add(None, ["short", long_name, long_name + "y", "z" * 200])
+    assert tally.types == {"short": 1, f"{'x' * 200}…": 2, "z" * 200: 1}
+
+
+def test_the_most_event_types_a_window_counts_fit_a_manifest_line_a_run_reads_back():
+    names = {f"{number:05d}{chr(1) * writer.MAX_TYPE_CHARS}": 1 for number in range(writer.MAX_TYPES)}
+    tally = writer.Tally()
+    tally.add(None, list(names))
+    worst = msgspec.json.encode(dict(tally.types))
+    assert len(tally.types) == writer.MAX_TYPES and len(worst) > 10 * writer.MAX_TYPES * writer.MAX_TYPE_CHARS // 2
+    assert len(worst) + (1 << 20) < store.MAX_LINE_BYTES  # a megabyte left for the rest: a year of hours is 200 KB
