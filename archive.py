@@ -25,7 +25,7 @@ from isal import igzip
 
 from errors import first_text_line
 from logging_config import printable
-from windows import HOUR, Window
+from windows import FIRST_YEAR, HOUR, LAST_YEAR, Window
 
 log = logging.getLogger("fetch_data")
 
@@ -127,6 +127,9 @@ def members_in_order(archive: zipfile.ZipFile, span: Window) -> list[zipfile.Zip
         log.warning("%s: skipping archive member %s, not a data file (.json or .json.gz)", span, name)
     for name in members_outside(members, span):
         log.warning("%s: archive member %s is named for an hour outside the window; exporting it", span, name)
+    for name in [member.filename for member in members if member_hour(member.filename) is None]:
+        log.warning("%s: archive member %s names no hour from %d to %d; the window's events are counted by window, "
+                    "not by hour", span, name, FIRST_YEAR, LAST_YEAR)
     if not members:  # Amplitude says "no data" with a 404: a 200 without data may come from something between
         log.warning("%s: the archive holds no data member; recorded as 0 events (if events were expected, export "
                     "these hours again with --refetch)", span)
@@ -431,13 +434,15 @@ def members_outside(members: list[zipfile.ZipInfo], span: Window) -> list[str]:
 
 
 def member_hour(name: str) -> dt.datetime | None:
+    """The hour a member's name gives; None for a name without one, or with a date or year no window can hold."""
     found = MEMBER_NAME.search(name)
     if not found:
         return None
     try:
-        return dt.datetime.strptime(found.group(1), "%Y-%m-%d").replace(tzinfo=dt.UTC) + int(found.group(2)) * HOUR
-    except ValueError:
+        hour = dt.datetime.strptime(found.group(1), "%Y-%m-%d").replace(tzinfo=dt.UTC) + int(found.group(2)) * HOUR
+    except (ValueError, OverflowError):
         return None
+    return hour if FIRST_YEAR <= hour.year <= LAST_YEAR else None
 
 
 def member_order_key(name: str) -> int:

@@ -195,6 +195,22 @@ def test_plain_members_are_read_odd_members_skipped_and_stray_hours_flagged(cli,
     assert f"archive member {stray[0]} is named for an hour outside the window; exporting it" in result.stderr
 
 
+def test_members_named_for_no_hour_a_window_can_hold_are_exported_and_counted_by_window(cli, standin):
+    names = ["187520/187520_1970-01-01_0#0.json.gz", "187520/187520_9999-12-31_23#0.json.gz",
+             "187520/187520_2025-02-30_5#0.json.gz", "events.json.gz"]
+    members = [(name, gzip.compress(b'{"n":%d}\n' % number)) for number, name in enumerate(names)]
+    standin.add_fault("members", members=[packed("20251101T03", 0, b'{"n":9}\n'), *members], times=2)
+    result = cli.run(*DAY)
+    assert result.returncode == 0, result.stderr
+    for name in names:
+        assert (f"archive member {name} names no hour from 2000 to 2100; the window's events are counted by window, "
+                "not by hour") in result.stderr
+    (record,) = cli.manifest()
+    assert record["events"] == 5 and "hours" not in record
+    standin.requests.clear()
+    assert cli.run(*DAY).returncode == 0 and standin.requests == []
+
+
 @pytest.mark.parametrize("members", [[], [("readme.txt", b"not data")]])
 def test_a_200_without_data_is_recorded_as_empty_with_a_warning(cli, standin, members):
     """Amplitude says "no data" with a 404; a zip without data may come from something between, so it is said."""
