@@ -63,7 +63,11 @@ def remove_temp_files(data_dir: Path, quiet: bool = False) -> None:
     if it does not exist).
     """
     for stray in data_dir.glob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}"):
-        if not stat.S_ISREG(stray.lstat().st_mode):  # the entry itself, not what a link points to
+        try:
+            mode = stray.lstat().st_mode  # the entry itself, not what a link points to
+        except FileNotFoundError:  # on a stop signal, a download thread renamed or removed it meanwhile
+            continue
+        if not stat.S_ISREG(mode):
             if not quiet:
                 log.warning("%s is not a file the exporter made; left alone", stray)
             continue

@@ -213,3 +213,17 @@ def test_a_damaged_manifest_line_is_named_in_every_mode(cli, standin, damage, mo
     assert "Traceback" not in result.stderr
     assert f"{cli.data / 'manifest.jsonl'} line 2 is not a manifest record (" in result.stderr
     assert standin.requests == []  # the intact line still counts: nothing is exported again
+
+
+def test_a_temporary_file_gone_while_a_stop_signal_cleans_up_is_passed_over(tmp_path, monkeypatch):
+    """A download thread may rename or remove its file between the listing and the look at each entry: the stop
+    must go on, not fail the window being written with a FileNotFoundError."""
+    import temp_files
+
+    kept = tmp_path / f"{temp_files.TEMP_PREFIX}a{temp_files.TEMP_SUFFIX}"
+    kept.write_bytes(b"x")
+    gone = tmp_path / f"{temp_files.TEMP_PREFIX}b{temp_files.TEMP_SUFFIX}"
+    listed = [gone, kept]
+    monkeypatch.setattr(type(tmp_path), "glob", lambda self, pattern: iter(listed))
+    temp_files.remove_temp_files(tmp_path, quiet=True)
+    assert not kept.exists()
