@@ -76,7 +76,7 @@ try:
     from own_files import NotOwnFile
     from progress import progress_bar
     from settings import Settings, load_environment, parse_settings
-    from spans import Spans, leave_signals_to_main_thread
+    from spans import STOP_SIGNALS, Spans, leave_signals_to_main_thread
     from store import MANIFEST_NAME, Export, Finished
     from summary import Outcome, summary
     from windows import Window, format_hour, fresh_windows, hours_between, now_utc, plan_missing
@@ -408,11 +408,10 @@ def log_summary(settings: Settings, saved: list[Export], failures, seconds: floa
 
 
 def stop_cleanly_on_signals(data_dir: Path) -> None:
-    """SIGTERM (cron, systemd) or Ctrl-C: leave no temporary file and exit 1 at once.
-
-    Waiting for the download threads could take minutes; what they have not put in place is simply discarded,
-    and the next run exports it. A journaled rename is completed by the next run either way.
-    """
+    """SIGTERM (cron, systemd), Ctrl-C or a closed terminal (SIGHUP): leave no temporary file and exit 1 at once.
+    Waiting for the download threads could take minutes; what they have not put in place is simply discarded, and
+    the next run exports it. A journaled rename is completed by the next run either way. A signal left ignored
+    (nohup, a script's background job) stays ignored; SIGTERM never is."""
 
     def stop(signum, frame):
         temp_files.stop_creating_temp_files()  # first: a download thread could otherwise leave one behind the removal
@@ -422,8 +421,9 @@ def stop_cleanly_on_signals(data_dir: Path) -> None:
         logging.shutdown()
         os._exit(EXIT_FAILED)
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    for signum in STOP_SIGNALS:
+        if signum == signal.SIGTERM or signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, stop)
 
 
 if __name__ == "__main__":

@@ -227,7 +227,7 @@ def test_a_killed_run_leaves_nothing_half_done_and_the_next_run_completes(cli, s
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_stop_signal_ends_the_run_at_once_leaving_no_temporary_file(cli, standin, signum):
     standin.add_fault("stall", start="20251102T00", end="20251102T23", seconds=30)
     victim = cli.start(*RANGE, "--read-timeout", "60", "--workers", "2")
@@ -238,10 +238,28 @@ def test_a_stop_signal_ends_the_run_at_once_leaving_no_temporary_file(cli, stand
     _, stderr = victim.communicate(timeout=20)
     assert victim.returncode == 1
     assert time.monotonic() - began < 10
-    assert f"Stopped by {signum.name}" in stderr
+    assert f"Stopped by {signum.name}" in stderr, stderr
     assert [p for p in cli.leftovers() if p.name.endswith(".part")] == []
+    standin.faults.clear()  # a stall the stopped run did not reach would hold the next one 30 s
     result = cli.run(*RANGE)
     assert result.returncode == 0, result.stderr
+    assert_range_exported_once(cli, standin)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGINT])
+def test_a_signal_ignored_when_the_run_starts_stays_ignored(cli, standin, signum):
+    """nohup ignores SIGHUP, and a script's background job SIGINT: a closed terminal or a Ctrl-C meant for the
+    script must not stop a backfill started that way."""
+    standin.add_fault("stall", start="20251102T00", end="20251102T23", seconds=5)
+    victim = subprocess.Popen(cli.command(*RANGE), cwd=cli.workdir, env=cli.env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                              preexec_fn=lambda: signal.signal(signum, signal.SIG_IGN))
+    wait_for(lambda: len(standin.requests) >= 2)
+    assert victim.poll() is None  # held by the stall: the signal reaches a run in progress
+    victim.send_signal(signum)
+    _, stderr = victim.communicate(timeout=60)
+    assert victim.returncode == 0, stderr
+    assert "Stopped by" not in stderr
     assert_range_exported_once(cli, standin)
 
 
