@@ -99,7 +99,9 @@ def checked_batches(archive: zipfile.ZipFile, member: zipfile.ZipInfo, max_event
     """(member name, its event lines with the rules applied, their event types) of one member, batch by batch."""
     for name, first_line_number, lines in read_member(archive, member, max_event_bytes):
         events, types = check_events(lines, name, first_line_number, parser)
-        yield name, *((rules.apply(events), rules.counted_types(types)) if rules else (events, types))
+        if rules:
+            events, types = rules.apply(events), rules.counted_types(types)
+        yield name, events, types
 
 
 class MemberWorkers:
