@@ -3,6 +3,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -75,6 +76,18 @@ AT_A_GIVEN_TIME = (
     "moment = datetime.datetime.fromisoformat(sys.argv[2]); windows.now_utc = lambda: moment; "
     "sys.argv = sys.argv[3:]; runpy.run_path(sys.argv[0], run_name='__main__')"
 )
+
+
+@pytest.fixture
+def folder_without_spaces():
+    """A new folder whose path holds no space, on this machine's own temporary space, removed afterwards. The suite
+    may run from a clone whose path holds spaces, and Polars cannot read a local Delta table whose path holds one
+    (delta-rs hands it percent-encoded file paths: pola-rs/polars#20944); nor can a systemd unit name such a path
+    unquoted."""
+    folder = Path(tempfile.mkdtemp(prefix="amplitude-export-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else "/tmp"))
+    assert " " not in str(folder)
+    yield folder
+    shutil.rmtree(folder)
 
 
 def copy_project(destination: Path) -> Path:

@@ -101,7 +101,7 @@ def test_a_missing_package_is_one_line_naming_it_and_a_fix_that_pastes(tmp_path)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
-    found = re.fullmatch(r"Error: the Python package \S+ is missing for \S+; (.*)", lines[0])
+    found = re.fullmatch(rf"Error: the Python package \S+ is missing for {re.escape(sys.executable)}; (.*)", lines[0])
     assert found
     # The command as printed is what a shell runs: the paths with spaces come back whole.
     assert shlex.split(found.group(1)) == [sys.executable, "-m", "pip", "install", "-r",
@@ -302,14 +302,17 @@ def test_the_timer_runs_at_0330_utc_and_catches_up_after_downtime():
     assert settings.quiet and settings.windows[0].start < yesterday(NOW).start
 
 
-def test_systemd_accepts_the_units(tmp_path):
+def test_systemd_accepts_the_units(tmp_path, folder_without_spaces):
     if not shutil.which("systemd-analyze"):
         pytest.skip("systemd-analyze is not on this machine")
+    checkout = folder_without_spaces / "amplitude-export"  # the units name /opt/amplitude-export, without spaces
+    checkout.symlink_to(ROOT)
+    python = sys.executable.replace(str(ROOT), str(checkout), 1)  # the checkout's own .venv, if it is there
     for name in ("amplitude-export.service", "amplitude-export.timer", "amplitude-export-failure.service"):
         text = (ROOT / "deploy" / name).read_text()
         # Installed at /opt/amplitude-export; here the checkout and its interpreter stand in for it.
-        text = text.replace("/opt/amplitude-export/.venv/bin/python", sys.executable)
-        (tmp_path / name).write_text(text.replace("/opt/amplitude-export", str(ROOT)))
+        text = text.replace("/opt/amplitude-export/.venv/bin/python", python)
+        (tmp_path / name).write_text(text.replace("/opt/amplitude-export", str(checkout)))
     result = subprocess.run(["systemd-analyze", "verify", "amplitude-export.timer", "amplitude-export.service",
                              "amplitude-export-failure.service"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

@@ -35,8 +35,8 @@ def spark_python():
     return environment_python("SPARK_PYTHON", "pyspark")
 
 
-def test_spark_reads_timestamps_and_longs_from_the_active_files(cli, standin, spark_python):
-    table = cli.workdir.parent / "lake"  # Spark, like Polars, takes the files' paths as delta-rs gives them
+def test_spark_reads_timestamps_and_longs_from_the_active_files(cli, standin, spark_python, folder_without_spaces):
+    table = folder_without_spaces / "lake"  # Spark, like Polars, takes the files' paths as delta-rs gives them
     assert cli.run("--date", "2025-11-01", "--lake", str(table)).returncode == 0
     assert cli.run("--start", "20251101T05", "--end", "20251101T05", "--refetch", "--lake", str(table),
                    "--window-hours", "1").returncode == 0  # a replace: the folder now holds files no longer active
