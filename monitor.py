@@ -52,7 +52,7 @@ def ping(url: str, suffix: str, document: dict | None) -> None:
     """One ping, PING_TIMEOUT seconds at most in all: a monitor that trickles its answer, or never ends it, must not
     hold the night's run. What goes wrong is said without the URL and changes nothing else."""
     kind = {"/start": "start", "": "success", "/fail": "failure"}[suffix]
-    sender = threading.Thread(target=send_ping, args=(url, suffix, document, kind), daemon=True)
+    sender = threading.Thread(target=send_ping, args=(url, suffix, document, kind), name="monitor-ping", daemon=True)
     sender.start()
     sender.join(PING_TIMEOUT)
     if sender.is_alive():  # the thread ends with the process

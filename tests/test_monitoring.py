@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import monitor
+from tests.conftest import wait_for
 
 DAY = ("--date", "2025-11-01")
 SECRET_PATH = "/ping/0f3c9e1a-secret-uuid"
@@ -182,6 +183,8 @@ def test_a_monitor_that_never_ends_its_answer_holds_the_run_no_longer_than_the_p
         server.closing.set()
         server.shutdown()
         server.server_close()
+    # The abandoned ping ends with its connection: it must not log into the tests after this one.
+    wait_for(lambda: not any(thread.name == "monitor-ping" for thread in threading.enumerate()))
     assert took < GIVE_UP / 2
     if in_headers:
         assert "The success ping to the monitor was not answered within 1 s" in caplog.text
