@@ -125,9 +125,10 @@ def members_in_order(archive: zipfile.ZipFile, span: Window) -> list[zipfile.Zip
     members, skipped = sort_members(archive.infolist())
     for name in skipped:
         log.warning("%s: skipping archive member %s, not a data file (.json or .json.gz)", span, name)
-    for name in members_outside(members, span):
+    outside, hourless = stray_members(members, span)
+    for name in outside:
         log.warning("%s: archive member %s is named for an hour outside the window; exporting it", span, name)
-    for name in [member.filename for member in members if member_hour(member.filename) is None]:
+    for name in hourless:
         log.warning("%s: archive member %s names no hour from %d to %d; the window's events are counted by window, "
                     "not by hour", span, name, FIRST_YEAR, LAST_YEAR)
     if not members:  # Amplitude says "no data" with a 404: a 200 without data may come from something between
@@ -423,14 +424,16 @@ def sort_members(members: list[zipfile.ZipInfo]) -> tuple[list[zipfile.ZipInfo],
     return named + unnamed, skipped
 
 
-def members_outside(members: list[zipfile.ZipInfo], span: Window) -> list[str]:
-    """Names of members whose name gives an hour outside `span`."""
-    outside = []
+def stray_members(members: list[zipfile.ZipInfo], span: Window) -> tuple[list[str], list[str]]:
+    """Names of members whose name gives an hour outside `span`, and of those whose name gives no hour."""
+    outside, hourless = [], []
     for member in members:
         hour = member_hour(member.filename)
-        if hour is not None and not span.start <= hour <= span.end:
+        if hour is None:
+            hourless.append(member.filename)
+        elif not span.start <= hour <= span.end:
             outside.append(member.filename)
-    return outside
+    return outside, hourless
 
 
 def member_hour(name: str) -> dt.datetime | None:

@@ -18,7 +18,7 @@ import time
 import urllib.parse
 from pathlib import Path
 
-from own_files import NotRegular, not_regular, open_regular
+from own_files import ensure_replaceable, not_regular, open_regular
 from urls import has_host_and_port, plain_http_elsewhere
 
 log = logging.getLogger("fetch_data")
@@ -123,9 +123,7 @@ def write_metrics(path: Path, data_dir: str, document: dict, now: float) -> None
     gauge("duration_seconds", "How long the last run took", document["seconds"])
     gauge("exit_code", "The last run's exit code: 0 ok, 1 failed, 2 bad settings", document["exit_code"])
     try:
-        kind = not_regular(path)  # made so since the run began
-        if kind:
-            raise NotRegular(0, f"it is {kind}")
+        ensure_replaceable(path)  # checked at start, but it may have become a link or a pipe since
         write_to_textfile(str(path), registry)
     except OSError as exc:
         log.warning("Cannot write the metrics file %s (%s)", path, exc.strerror or exc)

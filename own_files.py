@@ -66,6 +66,13 @@ def not_regular(path: Path) -> str | None:
     return "a folder" if stat.S_ISDIR(mode) else "a device, a pipe or a socket"
 
 
+def ensure_replaceable(path: Path) -> None:
+    """NotRegular unless `path` is a regular file or nothing: what a rename into place may replace."""
+    kind = not_regular(path)
+    if kind:
+        raise NotRegular(errno.EINVAL, f"it is {kind}, not a regular file", str(path))
+
+
 def write_durably(path: Path, content: bytes) -> None:
     with open_own_file(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "wb") as out:
         out.write(content)
@@ -75,9 +82,7 @@ def write_durably(path: Path, content: bytes) -> None:
 
 def write_atomically(path: Path, content: bytes) -> None:
     """Write beside `path`, fsync, rename over it: a reader sees the old file or the new one, never half of one."""
-    kind = not_regular(path)
-    if kind:
-        raise NotRegular(errno.EINVAL, f"it is {kind}, not a regular file", str(path))
+    ensure_replaceable(path)
     temp = path.with_name(f".{path.name}-{uuid.uuid4().hex[:8]}.tmp")
     try:
         write_durably(temp, content)
